@@ -1,0 +1,12 @@
+"""kvpo_kernels: branch-shared paged KV storage, routed attention and fused TVE kernels.
+
+Standalone: nothing here imports ``kvpo``. Each op runs on the ``torch``, ``triton`` or ``cpp``
+backend, chosen per call (see :mod:`kvpo_kernels.registry`).
+"""
+
+from kvpo_kernels._version import __version__
+from kvpo_kernels.info import info
+from kvpo_kernels.ops.pages import copy_pages
+from kvpo_kernels.registry import BACKENDS, BackendUnavailable, explain
+
+__all__ = ["BACKENDS", "BackendUnavailable", "__version__", "copy_pages", "explain", "info"]
