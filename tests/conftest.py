@@ -38,3 +38,9 @@ def _seed():
     np.random.seed(0)  # noqa: NPY002 (legacy global RNG seeded for libraries that use it)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where kernel tests run: the GPU when there is one, else the CPU (Triton interpreted)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,12 +18,12 @@ def _oracle(pages, src, dst):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_copy_pages_matches_oracle(backend, dtype):
+def test_copy_pages_matches_oracle(backend, dtype, device):
     layers, num_pages, page_shape = 3, 11, (2, 7, 3, 5)  # odd page size: no tile divides it
-    pages = torch.randn(layers, num_pages, *page_shape).to(dtype)
+    pages = torch.randn(layers, num_pages, *page_shape).to(dtype).to(device)
     pages[:, 9:] = float("nan")  # poison: unreferenced pages must never be read
-    src = torch.tensor([4, 0, 7], dtype=torch.int32)
-    dst = torch.tensor([2, 8, 1], dtype=torch.int32)
+    src = torch.tensor([4, 0, 7], dtype=torch.int32, device=device)
+    dst = torch.tensor([2, 8, 1], dtype=torch.int32, device=device)
     expected = _oracle(pages, src, dst)
     kvpo_kernels.copy_pages(pages, src, dst, backend=backend)
     assert torch.equal(pages[:, :9], expected[:, :9])
