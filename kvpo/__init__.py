@@ -1,0 +1,1 @@
+"""kvpo: KVPO training of streaming autoregressive video generators (routing, rollout, TVE policy, trainer)."""
