@@ -1,1 +1,1 @@
-"""kvpo: KVPO training of streaming autoregressive video generators (routing, rollout, TVE policy, trainer)."""
+"""kvpo: KVPO training of streaming AR video generators (routing, rollout, TVE, trainer)."""
