@@ -6,7 +6,18 @@ backend, chosen per call (see :mod:`kvpo_kernels.registry`).
 
 from kvpo_kernels._version import __version__
 from kvpo_kernels.info import info
+from kvpo_kernels.ops.merge_states import merge_attention_states
 from kvpo_kernels.ops.pages import copy_pages
+from kvpo_kernels.ops.routed_attention import routed_attention
 from kvpo_kernels.registry import BACKENDS, BackendUnavailable, explain
 
-__all__ = ["BACKENDS", "BackendUnavailable", "__version__", "copy_pages", "explain", "info"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "__version__",
+    "copy_pages",
+    "explain",
+    "info",
+    "merge_attention_states",
+    "routed_attention",
+]

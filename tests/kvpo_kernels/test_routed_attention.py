@@ -1,0 +1,268 @@
+"""routed_attention on every backend against an fp64 oracle that gathers token by token.
+
+The oracle walks each row's cached tokens in Python (page = page_table[b, t // page_size],
+slot = t % page_size), appends the row's new tokens and runs softmax attention head by head. It
+shares no index math with the kernels. Pools are permuted, pages are shared and aliased across
+rows, every slot no row attends is NaN, and page-table entries past a row's pages are garbage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import kvpo_kernels
+from kvpo_kernels import registry
+from kvpo_kernels.ops import routed_attention as ra
+from tests.oracle import BACKENDS, assert_close_to_oracle
+
+DTYPES = {
+    "torch": (torch.float32, torch.float16, torch.bfloat16),
+    "cpp": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16),  # the interpreter's bf16 tl.dot is broken
+}
+BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in DTYPES[b]]
+GARBAGE_PAGE = 10**6  # page-table entries past a row's pages: must never be read
+
+
+def oracle(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale, dtype=torch.float64):
+    """Routed attention by per-token gather, computed entirely in ``dtype``: (out, lse)."""
+    batch, lq, heads, dim = q.shape
+    page_size, kv_heads = kv_pages.shape[2], kv_pages.shape[3]
+    group = heads // kv_heads
+    outs, lses = [], []
+    for b in range(batch):
+        keys, values = [], []
+        for t in range(int(ctx_lens[b])):
+            page = int(page_table[b, t // page_size])
+            keys.append(kv_pages[page, 0, t % page_size])
+            values.append(kv_pages[page, 1, t % page_size])
+        keys += list(k_new[b].unbind(0))
+        values += list(v_new[b].unbind(0))
+        row_out, row_lse = [], []
+        for h in range(heads):
+            qh = q[b, :, h].to(dtype)
+            if not keys:
+                row_out.append(torch.zeros(lq, dim, dtype=dtype))
+                row_lse.append(torch.full((lq,), float("-inf"), dtype=dtype))
+                continue
+            kh = torch.stack([k[h // group] for k in keys]).to(dtype)
+            vh = torch.stack([v[h // group] for v in values]).to(dtype)
+            scores = (qh @ kh.T) * scale
+            row_out.append(torch.softmax(scores, dim=-1) @ vh)
+            row_lse.append(torch.logsumexp(scores, dim=-1))
+        outs.append(torch.stack(row_out, dim=1))
+        lses.append(torch.stack(row_lse))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    kv_pages: torch.Tensor
+    page_table: torch.Tensor
+    ctx_lens: torch.Tensor
+
+    def args(self):
+        return self.q, self.k_new, self.v_new, self.kv_pages, self.page_table, self.ctx_lens
+
+
+def make_case(tables, ctx_lens, *, lq=5, ln=4, heads=4, kv_heads=2, dim=16, page_size=7,
+              num_pages=12, dtype=torch.float32, seed=0):  # fmt: skip
+    """A pool whose every slot that no row attends is NaN, with the given page tables."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(tables)
+    pool = torch.randn(num_pages, 2, page_size, kv_heads, dim, generator=gen)
+    attended = torch.zeros(num_pages, page_size, dtype=torch.bool)
+    for row, n in zip(tables, ctx_lens):
+        for t in range(n):
+            attended[row[t // page_size], t % page_size] = True
+    pool.masked_fill_(~attended[:, None, :, None, None], float("nan"))
+    width = max(len(r) for r in tables) + 1
+    table = torch.full((batch, width), GARBAGE_PAGE, dtype=torch.int32)
+    for b, row in enumerate(tables):
+        table[b, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    q = torch.randn(batch, lq, heads, dim, generator=gen)
+    k_new = torch.randn(batch, ln, kv_heads, dim, generator=gen)
+    v_new = torch.randn(batch, ln, kv_heads, dim, generator=gen)
+    return Case(
+        q.to(dtype), k_new.to(dtype), v_new.to(dtype), pool.to(dtype), table,
+        torch.tensor(ctx_lens, dtype=torch.int32),
+    )  # fmt: skip
+
+
+# rows share page 5 and 2, row 2 attends page 7 twice (aliased), row 1 has no context, row 0
+# ends mid-page; the pool order is a permutation unrelated to attention order
+CASES = {
+    "shared+aliased+empty+gqa": lambda **kw: make_case(
+        [[5, 2, 9], [], [7, 7, 3, 5]], [17, 0, 26], **kw
+    ),
+    "ln=0": lambda **kw: make_case([[4, 1], [1, 8]], [9, 14], ln=0, **kw),
+    "b=1 lq=1 mha": lambda **kw: make_case([[3, 0]], [11], lq=1, ln=2, heads=2, kv_heads=2, **kw),
+    "empty row, no new tokens": lambda **kw: make_case([[6], []], [4, 0], ln=0, **kw),
+}
+
+
+def _skip_unless_implemented(backend):
+    if backend not in registry.op(ra.OP).impls:
+        pytest.skip(f"{backend} backend of routed_attention not built")
+
+
+def _run(case, backend, scale=None):
+    out, lse = kvpo_kernels.routed_attention(
+        *case.args(), scale=scale, return_lse=True, backend=backend
+    )
+    return out, lse
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_forward_matches_fp64_oracle(backend, dtype, name):
+    _skip_unless_implemented(backend)
+    case = CASES[name](dtype=dtype)
+    scale = 1 / math.sqrt(case.q.shape[-1])
+    out, lse = _run(case, backend)
+    assert out.dtype == dtype and out.shape == case.q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (out.shape[0], out.shape[2], out.shape[1])
+    ref_out, ref_lse = oracle(*case.args(), scale)
+    eager_out, eager_lse = oracle(*case.args(), scale, dtype=dtype)
+    what = f"{backend} {dtype} {name}"
+    assert_close_to_oracle(out, eager_out, ref_out, what=what + " out")
+    assert_close_to_oracle(lse, eager_lse.float(), ref_lse.float(), what=what + " lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows_give_zero_and_minus_inf(backend):
+    _skip_unless_implemented(backend)
+    case = CASES["empty row, no new tokens"]()
+    out, lse = _run(case, backend)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isneginf(lse[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0]).all()
+
+
+def _grads(case, fn, compute, weights):
+    """Gradients of sum(out * w_out) + sum(lse * w_lse) w.r.t. q, k_new, v_new in ``compute``."""
+    inputs = [t.detach().to(compute).requires_grad_() for t in case.args()[:3]]
+    out, lse = fn(*inputs, case.kv_pages.to(compute), case.page_table, case.ctx_lens)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # empty rows: no gradient from -inf
+    w_out, w_lse = weights
+    loss = (out.to(compute) * w_out.to(compute)).sum() + (lse * w_lse.to(lse.dtype)).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("name", ["shared+aliased+empty+gqa", "b=1 lq=1 mha"])
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_gradients_match_fp64_oracle(backend, dtype, name):
+    _skip_unless_implemented(backend)
+    case = CASES[name](dtype=dtype)
+    batch, lq, heads, _ = case.q.shape
+    gen = torch.Generator().manual_seed(1)
+    weights = (
+        torch.randn(case.q.shape, generator=gen),
+        torch.randn(batch, heads, lq, generator=gen),
+    )
+    scale = 0.3
+
+    def kernel(*args):
+        return kvpo_kernels.routed_attention(*args, scale=scale, return_lse=True, backend=backend)
+
+    got = _grads(case, kernel, dtype, weights)
+    ref = _grads(case, lambda *a: oracle(*a, scale), torch.float64, weights)
+    eager = _grads(case, lambda *a: oracle(*a, scale, dtype=dtype), dtype, weights)
+    for label, g, r, e in zip(("dq", "dk_new", "dv_new"), got, ref, eager):
+        assert g.dtype == dtype
+        assert_close_to_oracle(g, e, r, what=f"{backend} {dtype} {name} {label}")
+
+
+def test_pool_that_requires_grad_is_rejected():
+    case = CASES["ln=0"]()
+    with pytest.raises(ValueError, match="kv_pages requires grad"):
+        kvpo_kernels.routed_attention(
+            *case.args()[:3], case.kv_pages.requires_grad_(), *case.args()[4:]
+        )
+
+
+@pytest.mark.parametrize(
+    "mutate,err,match",
+    [
+        (lambda c: c.ctx_lens.fill_(36), ValueError, r"ctx_lens\[0\] = 36, expected 0\.\.35"),
+        (
+            lambda c: c.page_table.__setitem__((1, 0), 12),
+            IndexError,
+            r"page_table\[1, 0\] names 12",
+        ),
+        (lambda c: setattr(c, "ctx_lens", c.ctx_lens.long()), TypeError, "ctx_lens must be int32"),
+        (lambda c: setattr(c, "k_new", c.k_new[:, :, :1]), ValueError, "k_new must be"),
+        (lambda c: setattr(c, "q", c.q[..., :3, :]), ValueError, "multiple of kv_pages' 2 heads"),
+        (lambda c: setattr(c, "q", c.q.double()), TypeError, "k_new is torch.float32, q is"),
+        (
+            lambda c: setattr(
+                c, "kv_pages", c.kv_pages.transpose(2, 3).contiguous().transpose(2, 3)
+            ),
+            ValueError,
+            "each page of kv_pages must be contiguous",
+        ),
+    ],
+)
+def test_bad_arguments_are_rejected(mutate, err, match):
+    case = make_case([[4, 1, 2, 3], [1, 8]], [9, 14])
+    mutate(case)
+    with pytest.raises(err, match=match):
+        kvpo_kernels.routed_attention(*case.args(), backend="torch")
+
+
+def test_layer_view_of_a_multi_layer_pool():
+    # a layer of a [P, L, 2, ps, H, D] pool: pages contiguous, page stride = L pages
+    case = CASES["shared+aliased+empty+gqa"]()
+    pools = torch.stack([torch.full_like(case.kv_pages, float("nan")), case.kv_pages], dim=1)
+    layer = pools[:, 1]
+    assert not layer.is_contiguous()
+    scale = 1 / math.sqrt(case.q.shape[-1])
+    ref, _ = oracle(*case.args(), scale)
+    eager, _ = oracle(*case.args(), scale, dtype=torch.float32)
+    for backend in registry.op(ra.OP).impls:
+        out = kvpo_kernels.routed_attention(
+            *case.args()[:3], layer, *case.args()[4:], backend=backend
+        )
+        assert_close_to_oracle(out, eager, ref, what=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    _skip_unless_implemented(backend)
+    case = CASES["shared+aliased+empty+gqa"](lq=3, ln=2)
+    q, k_new, v_new = (t.requires_grad_() for t in case.args()[:3])
+    args = (q, k_new, v_new, *case.args()[3:], 0.25, backend)
+    torch.library.opcheck(ra._forward_op, args)
+    out, lse = ra._forward_op(*args)
+    torch.library.opcheck(
+        ra._backward_op,
+        (torch.randn_like(out), torch.randn_like(lse), *[a.detach() for a in args[:3]],
+         *case.args()[3:], out.detach(), lse.detach(), 0.25, backend),
+    )  # fmt: skip
+
+
+def test_torch_compile_traces_a_caller():
+    case = CASES["shared+aliased+empty+gqa"]()
+
+    def block(q, k_new, v_new, kv_pages, page_table, ctx_lens):
+        out, lse = kvpo_kernels.routed_attention(
+            q * 2, k_new, v_new, kv_pages, page_table, ctx_lens, return_lse=True
+        )
+        return out.sum(-1) + lse.transpose(1, 2).nan_to_num(0, neginf=0)
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    q = case.q.clone().requires_grad_()
+    got = compiled(q, *case.args()[1:])
+    got.sum().backward()
+    q_ref = case.q.clone().requires_grad_()
+    expected = block(q_ref, *case.args()[1:])
+    expected.sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(q.grad, q_ref.grad)
