@@ -1,0 +1,429 @@
+"""PagedKVStore: K/V of many sequences in one paged pool, branches sharing pages copy-on-write.
+
+Layout: ``pool`` is ``[num_layers, num_pages, 2, page_size, H, D]`` (index 0 of dim 2 = K, 1 = V);
+every layer uses the same page ids, so one page table serves every layer. A sequence is a list of
+pages indexed by *logical page position* (token ``t`` lives at position ``t // page_size``);
+positions are absolute and survive eviction (an evicted position is a hole). Only the last
+position (the tail) can be partially filled, and only it is ever written after a fork; writing
+into a tail shared with another sequence first copies it (copy-on-write).
+
+Bookkeeping is plain Python: no call reads device memory, so none synchronises a device; page
+tables and slot ids reach a CUDA device through pinned, non-blocking copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpo_kernels.ops.pages import copy_pages
+from kvpo_kernels.ops.write_pages import write_pages
+from kvpo_kernels.paged.allocator import OutOfPages, PageAllocator
+
+
+class UnknownSequence(LookupError):
+    """A sequence handle that this store never made, or one that was freed."""
+
+
+@dataclass
+class _Sequence:
+    pages: list[int | None]  # page id per logical position; None = evicted
+    length: int = 0  # tokens appended over the sequence's life (= position of the next token)
+    evicted: int = 0  # number of evicted positions (always full pages)
+    pending: int = 0  # open reservations naming this sequence
+
+    def resident(self) -> list[int]:
+        return [p for p in self.pages if p is not None]
+
+
+@dataclass
+class _Reservation:
+    slots: torch.Tensor  # [len(seqs), T] int64, as returned by reserve
+    seqs: list[int]
+    unwritten: set[int]  # layers not yet written
+    freed_rows: set[int] = field(default_factory=set)  # rows whose sequence was freed meanwhile
+
+
+class PagedKVStore:
+    """Paged K/V storage for branching sequences (vLLM-style refcounts and copy-on-write).
+
+    Args:
+        num_layers, num_pages, page_size, num_heads, head_dim: pool shape
+            ``[num_layers, num_pages, 2, page_size, num_heads, head_dim]``.
+        dtype, device: of the pool (zero-filled at construction).
+        backend: kernel backend for ``copy_pages`` / ``write_pages`` (None: their default).
+
+    Sequences are int handles from :meth:`new_sequence` / :meth:`fork`. Two ways to add tokens:
+    :meth:`append` (all layers at once), or :meth:`reserve` once per step and :meth:`write` per
+    layer (for a model writing K/V layer by layer during its forward).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        backend: str | None = None,
+    ) -> None:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("page_size", page_size),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.allocator = PageAllocator(num_pages)
+        self.pool = torch.zeros(
+            num_layers, num_pages, 2, page_size, num_heads, head_dim, dtype=dtype, device=device
+        )
+        self.num_layers, self.page_size = num_layers, page_size
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.backend = backend
+        self._seqs: dict[int, _Sequence] = {}
+        self._next_id = 0
+        self._open: dict[int, _Reservation] = {}  # id(slots) -> reservation
+
+    # ----------------------------------------------------------------- pool and pages
+    @property
+    def device(self) -> torch.device:
+        return self.pool.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pool.dtype
+
+    @property
+    def num_pages(self) -> int:
+        return self.allocator.num_pages
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page id across all layers, K and V."""
+        return self.pool[:, 0].numel() * self.pool.element_size()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of K/V held by live pages (all layers)."""
+        return (self.num_pages - self.num_free_pages) * self.page_bytes
+
+    def refcount(self, page_id: int) -> int:
+        """How many sequences hold page ``page_id`` (0 = free)."""
+        return self.allocator.refcount(page_id)
+
+    def kv_pages(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s pool, ``[num_pages, 2, page_size, H, D]``: a view, no copy."""
+        self._check_layer(layer)
+        return self.pool[layer]
+
+    # ----------------------------------------------------------------- sequences
+    def new_sequence(self) -> int:
+        """A new empty sequence."""
+        return self._add(_Sequence(pages=[]))
+
+    def sequences(self) -> list[int]:
+        """Handles of the live sequences, oldest first."""
+        return list(self._seqs)
+
+    def length(self, seq: int) -> int:
+        """Tokens held (resident) by ``seq``: what :meth:`gather` returns."""
+        s = self._get(seq)
+        return s.length - s.evicted * self.page_size
+
+    def total_length(self, seq: int) -> int:
+        """Tokens appended over ``seq``'s life, evicted ones included (next token's position)."""
+        return self._get(seq).length
+
+    def positions(self, seq: int) -> list[int]:
+        """Logical page positions ``seq`` still holds, in order (evicted ones left out)."""
+        return [i for i, p in enumerate(self._get(seq).pages) if p is not None]
+
+    def pages(self, seq: int) -> list[int]:
+        """Page ids ``seq`` holds, in position order."""
+        return self._get(seq).resident()
+
+    def fork(self, seq: int, n: int) -> list[int]:
+        """``n`` new sequences sharing every page of ``seq`` (each page's refcount +n)."""
+        if n < 0:
+            raise ValueError(f"fork needs n >= 0, got {n}")
+        s = self._get(seq)
+        self._check_not_pending(seq, s, "fork")
+        held = s.resident()
+        kids = []
+        for _ in range(n):
+            self.allocator.share(held)
+            kids.append(self._add(_Sequence(list(s.pages), s.length, s.evicted)))
+        return kids
+
+    def free(self, seq: int) -> None:
+        """Drop ``seq``: each of its pages loses a holder and returns to the free list at zero.
+
+        Tokens of ``seq`` reserved but not yet written are never written (other sequences of
+        the same reservation still are).
+        """
+        s = self._get(seq)
+        del self._seqs[seq]
+        self.allocator.release(s.resident())
+        if s.pending:
+            for res in self._open.values():
+                if seq in res.seqs:
+                    res.freed_rows.add(res.seqs.index(seq))
+
+    def snapshot(self, seq: int) -> int:
+        """A frozen copy of ``seq`` sharing its pages (a fork); free it when done."""
+        return self.fork(seq, 1)[0]
+
+    def restore(self, seq: int, snapshot: int) -> None:
+        """Make ``seq`` hold exactly the pages of ``snapshot`` again; ``snapshot`` stays live."""
+        s, snap = self._get(seq), self._get(snapshot)
+        self._check_not_pending(seq, s, "restore")
+        self._check_not_pending(snapshot, snap, "restore from")
+        self.allocator.share(snap.resident())
+        self.allocator.release(s.resident())
+        s.pages, s.length, s.evicted = list(snap.pages), snap.length, snap.evicted
+
+    def evict(self, seq: int, keep_sink_pages: int, max_pages: int) -> list[int]:
+        """Drop the oldest pages after the first ``keep_sink_pages`` positions until ``seq`` holds
+        at most ``max_pages``; the tail page is never dropped. Pages are released, not copied.
+
+        Returns the evicted logical positions.
+        """
+        if keep_sink_pages < 0 or max_pages <= keep_sink_pages:
+            raise ValueError(
+                f"need 0 <= keep_sink_pages < max_pages (the tail page is never evicted), "
+                f"got keep_sink_pages={keep_sink_pages}, max_pages={max_pages}"
+            )
+        s = self._get(seq)
+        self._check_not_pending(seq, s, "evict")
+        held = self.positions(seq)
+        excess = len(held) - max_pages
+        victims = [p for p in held[:-1] if p >= keep_sink_pages][: max(excess, 0)]
+        released = [s.pages[p] for p in victims]
+        for p in victims:
+            s.pages[p] = None
+        s.evicted += len(victims)
+        self.allocator.release(released)
+        return victims
+
+    # ----------------------------------------------------------------- writing tokens
+    def reserve(self, seqs: Sequence[int], num_tokens: int) -> torch.Tensor:
+        """Room for ``num_tokens`` new tokens at the end of each sequence; returns their slots.
+
+        Allocates pages, copies shared tail pages (copy-on-write, all layers, one batched
+        ``copy_pages``) and counts the tokens in the sequences' lengths. The tokens hold no data
+        until :meth:`write` has been called with the returned tensor for every layer; until then
+        the sequences cannot be forked, restored, evicted or gathered.
+
+        Returns:
+            ``[len(seqs), num_tokens]`` int64 on the store's device,
+            ``slot = page_id * page_size + offset``.
+        """
+        seqs = list(seqs)
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"reserve names a sequence more than once: {seqs}")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        states = [self._get(seq) for seq in seqs]
+        size = self.page_size
+        plans = []  # (copy the tail first?, new pages) per sequence
+        for s in states:
+            offset = s.length % size
+            cow = num_tokens > 0 and offset > 0 and self.allocator.refcount(s.pages[-1]) > 1
+            fresh = -(-(offset + num_tokens) // size) - (1 if offset else 0)
+            plans.append((cow, fresh))
+        copies = sum(c for c, _ in plans)
+        needed = copies + sum(f for _, f in plans)
+        if needed > self.num_free_pages:
+            raise OutOfPages(
+                f"reserving {num_tokens} tokens for {len(seqs)} sequences needs {needed} pages "
+                f"({copies} copy-on-write), {self.num_free_pages} of {self.num_pages} are free"
+            )
+        fresh_pages = iter(self.allocator.allocate(needed))
+        src, dst, flat = [], [], []
+        for s, (cow, fresh) in zip(states, plans):
+            if cow:
+                src.append(s.pages[-1])
+                dst.append(next(fresh_pages))
+                self.allocator.release([s.pages[-1]])
+                s.pages[-1] = dst[-1]
+            s.pages.extend(next(fresh_pages) for _ in range(fresh))
+            start, end = s.length, s.length + num_tokens
+            while start < end:
+                page, offset = divmod(start, size)
+                take = min(size - offset, end - start)
+                base = s.pages[page] * size + offset
+                flat.extend(range(base, base + take))
+                start += take
+            s.length = end
+            s.pending += 1
+        if src:
+            copy_pages(self.pool, self._ids(src), self._ids(dst), backend=self.backend)
+        slots = self._to_device(torch.tensor(flat, dtype=torch.int64).view(len(seqs), num_tokens))
+        self._open[id(slots)] = _Reservation(slots, seqs, set(range(self.num_layers)))
+        return slots
+
+    @torch.compiler.disable
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write layer ``layer``'s K/V of reserved tokens.
+
+        Args:
+            slots: the tensor :meth:`reserve` returned, ``[B, T]`` int64 (the same object).
+            k, v: ``[B, T, H, D]``, the pool's dtype and device.
+        """
+        res = self._open.get(id(slots))
+        if res is None or res.slots is not slots:
+            raise ValueError(
+                "slots must be the tensor returned by reserve() whose layers are not all written "
+                "yet (each reservation closes once every layer has been written)"
+            )
+        self._check_layer(layer)
+        if res.freed_rows:
+            live = [r for r in range(len(res.seqs)) if r not in res.freed_rows]
+            rows = torch.tensor(live, dtype=torch.int64, device=slots.device)
+            k, v, slots = k.index_select(0, rows), v.index_select(0, rows), slots[rows]
+        write_pages(self.pool[layer], k, v, slots, backend=self.backend)
+        res.unwritten.discard(layer)
+        if not res.unwritten:
+            del self._open[id(res.slots)]
+            for row, seq in enumerate(res.seqs):
+                if row not in res.freed_rows:
+                    self._seqs[seq].pending -= 1
+
+    def append(self, seq: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append tokens to ``seq``: fills the tail page, then new pages.
+
+        Args:
+            k, v: ``[num_layers, T, H, D]``, the pool's dtype and device.
+        """
+        self._get(seq)
+        expected = (self.num_layers, k.shape[1] if k.dim() == 4 else -1)
+        expected += (self.num_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != expected or t.shape != k.shape:
+                raise ValueError(
+                    f"{name} must be [num_layers={self.num_layers}, T, H={self.num_heads}, "
+                    f"D={self.head_dim}] (same as k), got {tuple(t.shape)}"
+                )
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name} is {t.dtype}, the store holds {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the store on {self.device}")
+        slots = self.reserve([seq], k.shape[1])
+        for layer in range(self.num_layers):
+            self.write(layer, slots, k[layer].unsqueeze(0), v[layer].unsqueeze(0))
+
+    # ----------------------------------------------------------------- reading
+    def gather(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The resident K and V of ``seq``, each ``[num_layers, length(seq), H, D]`` (a copy)."""
+        s = self._get(seq)
+        self._check_not_pending(seq, s, "gather")
+        held = s.resident()
+        pages = self.pool[:, self._ids(held).long()]  # [L, n, 2, page_size, H, D]
+        tokens = len(held) * self.page_size
+        k = pages[:, :, 0].reshape(self.num_layers, tokens, self.num_heads, self.head_dim)
+        v = pages[:, :, 1].reshape(self.num_layers, tokens, self.num_heads, self.head_dim)
+        n = self.length(seq)
+        return k[:, :n], v[:, :n]
+
+    def page_table(
+        self, seqs: Sequence[int], select: Sequence[Sequence[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page table and context lengths of ``seqs``, built once per step for every layer.
+
+        Args:
+            seqs: sequence handles, one row each.
+            select: optional, per sequence, the logical page positions to attend in attention
+                order (e.g. sink ++ routed older frames ++ nearest frames); default all resident
+                positions in order. Positions must be resident and distinct; the partial tail
+                page may only come last.
+
+        Returns:
+            ``page_table``: ``[len(seqs), max(1, max_pages)]`` int32 page ids (rows padded with
+            page 0, never to be read past ``ctx_lens``), and ``ctx_lens``: ``[len(seqs)]``
+            int32, the tokens of each row's pages; both on the store's device.
+        """
+        seqs = list(seqs)
+        if select is not None and len(select) != len(seqs):
+            raise ValueError(f"select has {len(select)} entries for {len(seqs)} sequences")
+        rows, lens = [], []
+        for i, seq in enumerate(seqs):
+            s = self._get(seq)
+            if select is None:
+                positions = self.positions(seq)
+            else:
+                positions = [int(p) for p in select[i]]
+                self._check_select(i, seq, s, positions)
+            rows.append([s.pages[p] for p in positions])
+            tail = len(s.pages) - 1
+            partial = self.page_size - (s.length - tail * self.page_size)
+            lens.append(len(positions) * self.page_size - (partial if tail in positions else 0))
+        width = max([1] + [len(r) for r in rows])
+        table = torch.zeros(len(seqs), width, dtype=torch.int32)
+        for i, row in enumerate(rows):
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        return self._to_device(table), self._to_device(torch.tensor(lens, dtype=torch.int32))
+
+    # ----------------------------------------------------------------- internals
+    def _add(self, s: _Sequence) -> int:
+        seq, self._next_id = self._next_id, self._next_id + 1
+        self._seqs[seq] = s
+        return seq
+
+    def _get(self, seq: int) -> _Sequence:
+        s = self._seqs.get(seq) if isinstance(seq, int) else None
+        if s is not None:
+            return s
+        if isinstance(seq, int) and 0 <= seq < self._next_id:
+            raise UnknownSequence(f"sequence {seq} was freed")
+        raise UnknownSequence(
+            f"unknown sequence {seq!r}: this store has made sequences 0..{self._next_id - 1}"
+        )
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is outside 0..{self.num_layers - 1}")
+
+    def _check_not_pending(self, seq: int, s: _Sequence, what: str) -> None:
+        if s.pending:
+            raise RuntimeError(
+                f"cannot {what} sequence {seq}: it has reserved tokens not yet written in every "
+                "layer; call write() for each layer with the slots reserve() returned first"
+            )
+
+    def _check_select(self, row: int, seq: int, s: _Sequence, positions: list[int]) -> None:
+        tail = len(s.pages) - 1
+        for j, p in enumerate(positions):
+            if not 0 <= p <= tail:
+                raise IndexError(
+                    f"select[{row}][{j}] = {p}: sequence {seq} has page positions 0..{tail}"
+                )
+            if s.pages[p] is None:
+                raise IndexError(
+                    f"select[{row}][{j}] = {p}: that page of sequence {seq} was evicted"
+                )
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"select[{row}] names a position more than once: {positions}")
+        if s.length % self.page_size and tail in positions[:-1]:
+            raise ValueError(
+                f"select[{row}] puts the partial tail page (position {tail}, "
+                f"{s.length % self.page_size} of {self.page_size} tokens) at index "
+                f"{positions.index(tail)} of {len(positions)}; a partial page must come last"
+            )
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return self._to_device(torch.tensor(ids, dtype=torch.int32))
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
