@@ -9,6 +9,7 @@ from kvpo_kernels.info import info
 from kvpo_kernels.ops.merge_states import merge_attention_states
 from kvpo_kernels.ops.pages import copy_pages
 from kvpo_kernels.ops.routed_attention import routed_attention
+from kvpo_kernels.ops.tve import tve_energy, tve_energy_x0
 from kvpo_kernels.ops.write_pages import write_pages
 from kvpo_kernels.paged import PagedKVStore
 from kvpo_kernels.registry import BACKENDS, BackendUnavailable, explain
@@ -23,5 +24,7 @@ __all__ = [
     "info",
     "merge_attention_states",
     "routed_attention",
+    "tve_energy",
+    "tve_energy_x0",
     "write_pages",
 ]
