@@ -1,0 +1,107 @@
+"""Checkpoints: exact round trips, atomic writes, a resumed run equal to an uninterrupted one."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from kvpo import checkpoint as ckpt
+from kvpo.checkpoint import (
+    TrainingState,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+
+
+def _trained_linear(steps: int):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+    x = torch.randn(16, 4)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    return model, opt, sched, x
+
+
+def _state(step, model, opt, sched):
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    return TrainingState(
+        step=step,
+        policy=weights,
+        old_policy={k: v * 2 for k, v in weights.items()},
+        ema={k: v + 1 for k, v in weights.items()},
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        rng=capture_rng(),
+        extra={"skips": 1, "history": [[1, 0.5]]},
+    )
+
+
+def test_round_trip_continues_bit_exactly(tmp_path):
+    model, opt, sched, x = _trained_linear(3)
+    path = save_checkpoint(tmp_path, _state(3, model, opt, sched))
+    assert path.name == "step-000003"
+    loaded = load_checkpoint(tmp_path)  # the run directory resolves through checkpoints/latest
+    assert loaded.step == 3 and loaded.extra == {"skips": 1, "history": [[1, 0.5]]}
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.policy[k], v)
+        assert torch.equal(loaded.old_policy[k], v * 2) and torch.equal(loaded.ema[k], v + 1)
+
+    # a fresh model + optimizer restored from the checkpoint takes the same next step
+    fresh, opt2, sched2, _ = _trained_linear(0)
+    fresh.load_state_dict(loaded.policy)
+    opt2.load_state_dict(loaded.optimizer)
+    sched2.load_state_dict(loaded.scheduler)
+    for m, o, s in ((model, opt, sched), (fresh, opt2, sched2)):
+        o.zero_grad()
+        m(x).pow(2).mean().backward()
+        o.step()
+        s.step()
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert sched.get_last_lr() == sched2.get_last_lr()
+
+
+def test_rng_states_restore():
+    state = capture_rng()
+    first = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    restore_rng(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    assert torch.equal(first[0], again[0])
+    assert np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    model, opt, sched, _ = _trained_linear(1)
+    save_checkpoint(tmp_path, _state(1, model, opt, sched))
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("step-000002"):
+            raise OSError("disk pulled out")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash)
+    with pytest.raises(OSError, match="disk pulled out"):
+        save_checkpoint(tmp_path, _state(2, model, opt, sched))
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert load_checkpoint(tmp_path).step == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000001"]
+
+
+def test_keep_last_and_errors(tmp_path):
+    model, opt, sched, _ = _trained_linear(1)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, _state(step, model, opt, sched), keep_last=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert names == ["step-000002", "step-000003"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nowhere")

@@ -1,0 +1,80 @@
+"""Config parsing: YAML + overrides, coercion, unknown keys with suggestions, round trips."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvpo.config import ConfigError, TrainConfig, all_keys, help_text, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_defaults_and_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    # PyYAML reads 1e-4 as a string; the field type makes it a float
+    path.write_text("lr: 1e-4\nK: 4\nadapter:\n  rank: 8\nmodel_kwargs:\n  sink_size: 2\n")
+    cfg = load_config(path, ["K=6", "adapter.alpha=32", "data_path=none"])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.K == 6 and cfg.adapter.rank == 8 and cfg.adapter.alpha == 32.0
+    assert cfg.model_kwargs.sink_size == 2 and cfg.model_kwargs.local_attn_size == 12
+    assert cfg.data_path is None
+    assert TrainConfig().K == 8  # defaults are not mutated by a load
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, ["denoising_step_list=[1000, 500]", "reward_components=[]"])
+    cfg.save(tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg and again.denoising_step_list == [1000, 500]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lrr=1"], "unknown config key 'lrr'; did you mean 'lr'?"),
+        (["k=4"], "unknown config key 'k'; did you mean 'K'?"),
+        (["adapter.rnak=4"], "did you mean 'adapter.rank'?"),
+        (["perturb_num_block=3"], "did you mean 'perturb_num_blocks'?"),
+        (["lr=fast"], "lr must be a number, got 'fast'"),
+        (["K=2.5"], "K must be an integer, got 2.5"),
+        (["train_local=maybe"], "train_local must be true or false"),
+        (["lr.x=1"], "lr has no sub-keys"),
+        (["K"], "override must look like key=value"),
+    ],
+)
+def test_bad_overrides(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_kwargs:\n  sink_sise: 3\n")
+    with pytest.raises(
+        ConfigError, match="'model_kwargs.sink_sise'; did you mean 'model_kwargs.sink_size'"
+    ):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_help_lists_every_key():
+    text = help_text()
+    for key in all_keys():
+        if key not in ("model_kwargs", "adapter"):
+            assert f"  {key} (" in text, key
+
+
+@pytest.mark.parametrize("name", ["toy.yaml", "longlive.yaml", "memflow.yaml"])
+def test_shipped_configs_parse(name):
+    cfg = load_config(CONFIGS / name)
+    raw = yaml.safe_load((CONFIGS / name).read_text())
+    expected_k = raw.get("K", TrainConfig().K)
+    assert cfg.to_dict()["K"] == expected_k
+    if name == "toy.yaml":
+        assert cfg == TrainConfig(), "configs/toy.yaml must state the built-in defaults"
