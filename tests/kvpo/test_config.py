@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from kvpo.config import ConfigError, TrainConfig, all_keys, help_text, load_config
+from kvpo.config_checks import validate
+from kvpo.prompt_file import load_prompt_file
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -78,3 +80,65 @@ def test_shipped_configs_parse(name):
     assert cfg.to_dict()["K"] == expected_k
     if name == "toy.yaml":
         assert cfg == TrainConfig(), "configs/toy.yaml must state the built-in defaults"
+
+
+def _problems(tmp_path, overrides, resume=None):
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(None, overrides), resume=resume)
+    return str(err.value)
+
+
+def test_validate_defaults_pass():
+    validate(TrainConfig())
+
+
+def test_validate_reports_every_problem_before_work(tmp_path):
+    text = _problems(
+        tmp_path, ["generator_ckpt=/no/such/model.pt", "K=1", "lr=0", "dtype=fp8"], resume="/no/run"
+    )
+    for expected in (
+        "generator_ckpt: checkpoint path '/no/such/model.pt' does not exist",
+        "K (branches per group) must be >= 2, got 1",
+        "lr must be > 0",
+        "dtype must be one of",
+        "--resume: no checkpoint at '/no/run'",
+    ):
+        assert expected in text
+
+
+def test_validate_routing_that_cannot_fit():
+    # a 13-frame resident cache cannot hold 5 routable frames older than the window
+    text = _problems(None, ["slice_last_frames=1"])
+    assert "routing cannot fit the resident cache" in text and "n_random=5" in text
+    assert "n_random = local_attn_size - sink_size - m_nearest_frames = 12 - 3 - 9 = 0" in (
+        _problems(None, ["m_nearest_frames=9"])
+    )
+    assert "switch_frame_indices [40] must be increasing block starts" in _problems(
+        None, ["switch_frame_indices=40"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("p.csv", "a,b\n", "expected one of ('.txt', '.jsonl')"),
+        ("p.jsonl", '{"prompts": ["a"]}\nnot json\n', "p.jsonl:2: not a JSON object"),
+        ("p.jsonl", '{"prompt": ["a"]}\n', 'expected an object with a "prompts" list'),
+        ("p.jsonl", '{"prompts": "a"}\n', '"prompts" must be a list of strings'),
+        ("p.txt", "a | | b\n", "p.txt:1: empty prompt segment"),
+        ("p.txt", "a | b | c | d | e\n", "5 segments, but the video has only 4"),
+        ("p.txt", "# only a comment\n", "holds no prompts"),
+    ],
+)
+def test_prompt_file_format_errors(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    assert message in _problems(tmp_path, [f"data_path={tmp_path / name}"])
+
+
+def test_prompt_files_read(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\na red circle moves left | a blue circle moves up\n")
+    (tmp_path / "p.jsonl").write_text('{"prompts": ["a red circle moves left"]}\n')
+    assert load_prompt_file(tmp_path / "p.txt") == [
+        ["a red circle moves left", "a blue circle moves up"]
+    ]
+    assert load_prompt_file(tmp_path / "p.jsonl") == [["a red circle moves left"]]

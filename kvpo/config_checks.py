@@ -1,0 +1,163 @@
+"""Validation of a parsed :class:`~kvpo.config.TrainConfig` before any work starts.
+
+Every problem found is collected and raised together as one :class:`~kvpo.config.ConfigError`:
+missing files (checkpoints, prompt files, a resume directory), prompt files in the wrong format,
+out-of-range values, a video layout that does not fit the blocks, and a routing geometry that
+cannot fit the resident cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from kvpo.config import ConfigError, TrainConfig
+from kvpo.prompt_file import PromptFileError, load_prompt_file
+from kvpo.routing import RoutingError, RoutingGeometry, chunk_layout, plan_routing
+
+CHOICES = {
+    "dtype": ("float32", "bfloat16", "float16"),
+    "kernel_backend": ("auto", "torch", "triton", "cpp"),
+    "routing_mode": ("dispersed", "independent"),
+    "advantage_mode": ("anchor", "grpo"),
+    "advantage_fusion_mode": ("std", "none", "zscore"),
+    "tve_step_weight": ("sigma2", "uniform"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
+}
+
+
+def routing_geometry(cfg: TrainConfig) -> RoutingGeometry:
+    return RoutingGeometry(
+        num_frame_per_block=cfg.num_frame_per_block,
+        sink_size=cfg.model_kwargs.sink_size,
+        local_attn_size=cfg.model_kwargs.local_attn_size,
+        resident_frames=cfg.resident_frames,
+        m_nearest_frames=cfg.m_nearest_frames,
+        perturb_num_blocks=cfg.perturb_num_blocks,
+    )
+
+
+def video_chunks(cfg: TrainConfig):
+    return chunk_layout(
+        cfg.streaming_max_length, cfg.streaming_chunk_size, cfg.streaming_min_new_frame
+    )
+
+
+def _ranges(cfg: TrainConfig) -> list[str]:
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        need(value in allowed, f"{key} must be one of {allowed}, got {value!r}")
+    need(cfg.adapter.type == "lora", f"adapter.type must be 'lora', got {cfg.adapter.type!r}")
+    need(cfg.adapter.rank >= 1, f"adapter.rank must be >= 1, got {cfg.adapter.rank}")
+    need(cfg.K >= 2, f"K (branches per group) must be >= 2, got {cfg.K}")
+    need(cfg.tau > 0, f"tau must be > 0, got {cfg.tau}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.sync_every >= 1, f"sync_every must be >= 1, got {cfg.sync_every}")
+    need(cfg.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {cfg.ppo_epochs}")
+    need(cfg.max_train_steps >= 0, f"max_train_steps must be >= 0, got {cfg.max_train_steps}")
+    need(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    need(0 < cfg.clip_range_low < 1, f"clip_range_low must be in (0, 1), got {cfg.clip_range_low}")
+    need(cfg.clip_range_high > 0, f"clip_range_high must be > 0, got {cfg.clip_range_high}")
+    need(cfg.kl_coef >= 0, f"kl_coef must be >= 0, got {cfg.kl_coef}")
+    need(cfg.eval_seeds >= 1, f"eval_seeds must be >= 1, got {cfg.eval_seeds}")
+    need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
+    need(cfg.row_micro_batch >= 0, f"row_micro_batch must be >= 0, got {cfg.row_micro_batch}")
+    need(cfg.train_local or cfg.train_global, "train_local and train_global are both false")
+    steps = cfg.denoising_step_list
+    need(
+        bool(steps) and all(a > b for a, b in zip(steps, steps[1:])) and steps[-1] > 0,
+        f"denoising_step_list must be strictly decreasing positive timesteps, got {steps}",
+    )
+    need(
+        0 <= cfg.log_prob_grad_steps <= len(steps),
+        f"log_prob_grad_steps must be in [0, {len(steps)}], got {cfg.log_prob_grad_steps}",
+    )
+    names = [c.name for c in cfg.reward_components]
+    need(bool(names), "reward_components is empty: KVPO needs at least one weighted reward")
+    need(len(set(names)) == len(names), f"reward_components names repeat: {names}")
+    return problems
+
+
+def _layout(cfg: TrainConfig) -> list[str]:
+    problems = []
+    bs = cfg.num_frame_per_block
+    for key in ("streaming_max_length", "streaming_chunk_size", "streaming_min_new_frame"):
+        value = getattr(cfg, key)
+        if value <= 0 or value % bs:
+            problems.append(
+                f"{key}={value} must be a positive multiple of num_frame_per_block={bs}"
+            )
+    try:
+        switches = cfg.switch_frames
+    except ConfigError as err:
+        return problems + [str(err)]
+    if any(s % bs or not 0 < s < cfg.streaming_max_length for s in switches) or switches != sorted(
+        set(switches)
+    ):
+        problems.append(
+            f"switch_frame_indices {switches} must be increasing block starts (multiples of "
+            f"{bs}) inside the video (0, {cfg.streaming_max_length})"
+        )
+    if cfg.policy_window_frames % bs or cfg.policy_window_frames < 0:
+        problems.append(
+            f"policy_window_frames={cfg.policy_window_frames} must be 0 or a multiple of {bs}"
+        )
+    return problems
+
+
+def _routing(cfg: TrainConfig) -> list[str]:
+    try:
+        plan_routing(
+            routing_geometry(cfg),
+            video_chunks(cfg),
+            cfg.K,
+            seed=cfg.seed,
+            step=0,
+            within_first_x_chunks=cfg.perturb_within_first_x_chunks,
+            mode=cfg.routing_mode if cfg.routing_mode in CHOICES["routing_mode"] else "dispersed",
+        )
+    except RoutingError as err:
+        return [f"routing cannot fit the resident cache: {err}"]
+    return []
+
+
+def _files(cfg: TrainConfig, resume: str | None) -> list[str]:
+    problems = []
+    for key in ("generator_ckpt", "lora_ckpt"):
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).exists():
+            problems.append(f"{key}: checkpoint path {value!r} does not exist")
+    max_segments = len(cfg.switch_frames) + 1 if not _layout(cfg) else None
+    for key in ("data_path", "eval_data_path"):
+        value = getattr(cfg, key)
+        if value is not None:
+            try:
+                load_prompt_file(value, max_segments)
+            except PromptFileError as err:
+                problems.append(f"{key}: {err}")
+    if resume is not None:
+        from kvpo.checkpoint import resolve_checkpoint
+
+        try:
+            resolve_checkpoint(resume)
+        except FileNotFoundError as err:
+            problems.append(f"--resume: {err}")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("tensorboard=true but the tensorboard package is not installed")
+    return problems
+
+
+def validate(cfg: TrainConfig, resume: str | None = None) -> None:
+    """Raise one :class:`ConfigError` listing every problem of ``cfg`` (and ``--resume``)."""
+    problems = _ranges(cfg) + _layout(cfg)
+    if not problems:
+        problems += _routing(cfg)
+    problems += _files(cfg, resume)
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
