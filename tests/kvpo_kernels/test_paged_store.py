@@ -2,9 +2,19 @@
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from kvpo_kernels import PagedKVStore
 from kvpo_kernels.paged import OutOfPages, UnknownSequence
+from tests.oracle import BACKENDS
 
 L, S, H, D = 2, 4, 2, 3  # layers, page_size, heads, head_dim
 
@@ -202,3 +212,180 @@ def test_unwritten_reservations_block_sharing_and_never_hit_freed_pages():
     _assert_holds(store, c, kc, vc)  # the row of freed b was not written
     _assert_holds(store, a, k_new[:, 0], v_new[:, 0])
     assert store.fork(a, 1)  # the reservation closed
+
+
+class _Reference:
+    """Dense model of one sequence: every token ever appended, and which page positions left."""
+
+    def __init__(self, k=None, v=None, evicted=()):
+        self.k = torch.empty(L, 0, H, D) if k is None else k
+        self.v = torch.empty(L, 0, H, D) if v is None else v
+        self.evicted = set(evicted)
+
+    def copy(self):
+        return _Reference(self.k, self.v, self.evicted)
+
+    def append(self, k, v):
+        self.k, self.v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
+
+    def positions(self):
+        count = -(-self.k.shape[1] // S)
+        return [p for p in range(count) if p not in self.evicted]
+
+    def tokens(self, positions):
+        index = [t for p in positions for t in range(p * S, min((p + 1) * S, self.k.shape[1]))]
+        return self.k[:, index], self.v[:, index]
+
+    def evict(self, sink, max_pages):
+        held = self.positions()
+        while len(held) > max_pages:
+            older = [p for p in held[:-1] if p >= sink]
+            if not older:
+                break
+            self.evicted.add(older[0])
+            held.remove(older[0])
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random new/append/reserve+write/fork/free/evict/restore against :class:`_Reference`."""
+
+    def __init__(self):
+        super().__init__()
+        self.store, self.refs, self.seed = None, {}, 0
+
+    @initialize(backend=st.sampled_from(BACKENDS))
+    def make_store(self, backend):
+        self.store = _store(num_pages=12, backend=backend)
+
+    def _new_tokens(self, *shape):
+        self.seed += 1
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn(L, *shape, H, D, generator=g), torch.randn(L, *shape, H, D, generator=g)
+
+    def _pool_bits(self):
+        return self.store.pool.view(torch.int32).clone()
+
+    def _written_pages_were_private(self, before, writers):
+        changed = (self._pool_bits() != before).flatten(2).any(-1).any(0)  # [num_pages]
+        for page in changed.nonzero().flatten().tolist():  # free, or held by one writer only
+            holders = [s for s in self.store.sequences() if page in self.store.pages(s)]
+            assert holders in ([], [w for w in writers if w in holders][:1]), (
+                f"page {page} was written while held by {holders} (writers {writers})"
+            )
+
+    @rule()
+    def new_sequence(self):
+        self.refs[self.store.new_sequence()] = _Reference()
+
+    @precondition(lambda self: self.refs)
+    @rule(data=st.data(), num_tokens=st.integers(0, 2 * S + 1))
+    def append(self, data, num_tokens):
+        seq = data.draw(st.sampled_from(sorted(self.refs)))
+        k, v = self._new_tokens(num_tokens)
+        before, free = self._pool_bits(), self.store.num_free_pages
+        try:
+            self.store.append(seq, k, v)
+        except OutOfPages as err:
+            assert f"{free} of 12 are free" in str(err) and self.store.num_free_pages == free
+            return
+        self.refs[seq].append(k, v)
+        self._written_pages_were_private(before, [seq])
+
+    @precondition(lambda self: self.refs)
+    @rule(data=st.data(), num_tokens=st.integers(0, S + 2), free_one=st.booleans())
+    def reserve_and_write(self, data, num_tokens, free_one):
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.refs)), min_size=1, unique=True))
+        layers = data.draw(st.permutations(range(L)))
+        k, v = self._new_tokens(len(seqs), num_tokens)
+        before = self._pool_bits()
+        try:
+            slots = self.store.reserve(seqs, num_tokens)
+        except OutOfPages:
+            return
+        if free_one:  # freed before its K/V arrive: its row must not be written
+            self.store.free(seqs[0])
+            del self.refs[seqs[0]]
+        for layer in layers:
+            self.store.write(layer, slots, k[layer], v[layer])
+        for row, seq in enumerate(seqs[int(free_one) :], start=int(free_one)):
+            self.refs[seq].append(k[:, row], v[:, row])
+        self._written_pages_were_private(before, seqs[int(free_one) :])
+
+    @precondition(lambda self: self.refs)
+    @rule(data=st.data(), n=st.integers(1, 3))
+    def fork(self, data, n):
+        seq = data.draw(st.sampled_from(sorted(self.refs)))
+        free = self.store.num_free_pages
+        for kid in self.store.fork(seq, n):
+            self.refs[kid] = self.refs[seq].copy()
+        assert self.store.num_free_pages == free  # forking allocates nothing
+
+    @precondition(lambda self: self.refs)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.refs)))
+        self.store.free(seq)
+        del self.refs[seq]
+
+    @precondition(lambda self: self.refs)
+    @rule(data=st.data(), sink=st.integers(0, 2), extra=st.integers(1, 3))
+    def evict(self, data, sink, extra):
+        seq = data.draw(st.sampled_from(sorted(self.refs)))
+        victims = self.store.evict(seq, sink, sink + extra)
+        before = set(self.refs[seq].evicted)
+        self.refs[seq].evict(sink, sink + extra)
+        assert victims == sorted(self.refs[seq].evicted - before)
+
+    @precondition(lambda self: len(self.refs) >= 2)
+    @rule(data=st.data())
+    def restore(self, data):
+        seq, snap = data.draw(st.permutations(sorted(self.refs)))[:2]
+        self.store.restore(seq, snap)
+        self.refs[seq] = self.refs[snap].copy()
+
+    @precondition(lambda self: self.refs)
+    @rule(data=st.data())
+    def page_table_with_select(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.refs)))
+        ref = self.refs[seq]
+        held = ref.positions()
+        chosen = data.draw(st.permutations(held))[: data.draw(st.integers(0, len(held)))]
+        if held and ref.k.shape[1] % S and held[-1] in chosen:  # a partial tail goes last
+            chosen = [p for p in chosen if p != held[-1]] + [held[-1]]
+        table, lens = self.store.page_table([seq], select=[chosen])
+        k_ref, v_ref = ref.tokens(chosen)
+        assert lens.tolist() == [k_ref.shape[1]]
+        layer = self.store.kv_pages(L - 1)  # read through the table like attention does
+        rows = layer[table[0, : len(chosen)].long()]
+        k_got = rows[:, 0].reshape(-1, H, D)[: k_ref.shape[1]]
+        v_got = rows[:, 1].reshape(-1, H, D)[: k_ref.shape[1]]
+        assert torch.equal(k_got, k_ref[L - 1]) and torch.equal(v_got, v_ref[L - 1])
+
+    @invariant()
+    def matches_reference(self):
+        if self.store is None:
+            return
+        holders = {}
+        for seq, ref in self.refs.items():
+            k_ref, v_ref = ref.tokens(ref.positions())
+            _assert_holds(self.store, seq, k_ref, v_ref)
+            assert self.store.positions(seq) == ref.positions()
+            for page in self.store.pages(seq):
+                holders[page] = holders.get(page, 0) + 1
+        for page in range(self.store.num_pages):
+            assert self.store.refcount(page) == holders.get(page, 0), f"page {page}"
+        assert self.store.num_free_pages == self.store.num_pages - len(holders)
+
+    def teardown(self):
+        if self.store is None:
+            return
+        for seq in list(self.refs):
+            self.store.free(seq)
+        assert self.store.num_free_pages == self.store.num_pages
+        assert self.store.sequences() == []
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=25, deadline=None, derandomize=True
+)
+test_store_against_dense_reference = StoreMachine.TestCase

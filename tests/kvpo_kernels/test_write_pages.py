@@ -5,8 +5,8 @@ import torch
 
 import kvpo_kernels
 from kvpo_kernels.ops.write_pages import _write_pages_op
+from tests.oracle import BACKENDS
 
-BACKENDS = ("torch",)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -104,7 +104,7 @@ def test_write_pages_rejects_bad_pool_and_mismatched_v():
         kvpo_kernels.write_pages(_pool(), k, k[:1], slots)
 
 
-@pytest.mark.parametrize("backend", ("torch",))
+@pytest.mark.parametrize("backend", ("torch", "cpp"))
 def test_write_pages_opcheck_and_compile(backend):
     pages = torch.randn(4, 2, 3, 2, 4)
     k, v = torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4)
@@ -118,3 +118,43 @@ def test_write_pages_opcheck_and_compile(backend):
 
     expected = _oracle(pages, k, v, slots) * 2
     assert torch.equal(step(pages.clone()), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_page_ops_address_past_2_gib(backend):
+    # 600k pages of 4 KiB: the last pages start past 2^31 bytes. torch.empty only reserves
+    # address space; the few pages touched here are all that gets committed.
+    num_pages, page_size, dim = 600_000, 16, 64
+    try:
+        pool = torch.empty(1, num_pages, 2, page_size, 1, dim, dtype=torch.float16)
+    except RuntimeError as err:
+        pytest.skip(f"cannot reserve a 2.5 GB pool here: {err}")
+    assert pool[0, -1].data_ptr() - pool.data_ptr() > 2**31
+    pages = pool[0]
+    pages[:3].fill_(float("nan"))
+    pages[-3:].fill_(float("nan"))
+    last, first = num_pages - 1, 0
+    slots = torch.tensor([last * page_size + 13, first * page_size + 2], dtype=torch.int64)
+    k, v = torch.randn(2, 1, dim).half(), torch.randn(2, 1, dim).half()
+    kvpo_kernels.write_pages(pages, k, v, slots, backend=backend)
+    assert torch.equal(pages[last, 0, 13], k[0]) and torch.equal(pages[last, 1, 13], v[0])
+    assert torch.equal(pages[first, 0, 2], k[1]) and torch.equal(pages[first, 1, 2], v[1])
+    assert torch.isnan(pages[last, :, :13]).all() and torch.isnan(pages[last - 1]).all()
+    src = torch.tensor([last], dtype=torch.int32)
+    dst = torch.tensor([1], dtype=torch.int32)
+    kvpo_kernels.copy_pages(pool, src, dst, backend=backend)  # copy-on-write across 2 GiB
+    assert torch.equal(pages[1, 0, 13], k[0]) and torch.isnan(pages[1, :, :13]).all()
+
+
+@pytest.mark.parametrize("backend", ("triton", "cpp"))
+def test_write_pages_slot_ids_past_2_pow_31(backend):
+    # 2^22 pages of 1024 tokens = 2^32 slots; page stride 0 aliases every page onto one small
+    # buffer, so slot ids past int32 are exercised without the memory (torch's own indexing
+    # refuses to write through overlapping views, so the eager backend is left out).
+    base = torch.full((2 * 1024,), float("nan"))
+    pages = base.as_strided((2**22, 2, 1024, 1, 1), (0, 1024, 1, 1, 1))
+    slot = 2**32 - 5  # page 2^22 - 1, offset 1019
+    k, v = torch.tensor([[[1.5]]]), torch.tensor([[[-2.5]]])
+    kvpo_kernels.write_pages(pages, k, v, torch.tensor([slot]), backend=backend)
+    assert base[1019].item() == 1.5 and base[1024 + 1019].item() == -2.5
+    assert torch.isnan(base).sum() == 2 * 1024 - 2
