@@ -1,0 +1,363 @@
+"""Frame-level cache policy over ``kvpo_kernels.PagedKVStore``: one page = one latent frame.
+
+A *row* (a branch) is a list of store sequences ("segments"), each holding consecutive frames
+from its ``first_frame`` on (logical page position ``p`` = frame ``first_frame + p``). Normally a
+row has a sink segment (frames ``[0, sink_size)``) and one main segment. Re-encoding frames that
+already exist (the prompt-switch recache) starts a new segment; a frame is served by the newest
+segment holding it, and a segment none of whose frames it still serves is freed. Forking a row
+forks its segments (page refcounts, no K/V copies).
+
+What a block attends to is a page-table *view*, never a copy:
+
+- default: the sink frames plus the newest frames, ``local_attn_size`` frames in all with the
+  block itself (LongLive: 3 sink + 9 newest, the current 3 included); ``local_attn_size = -1``
+  attends to every resident frame;
+- a routing plan: any list of resident frames per row, in attention order.
+
+Residency: while the block ``[s, s + F)`` runs, the cache keeps the sink and the non-sink frames
+``>= s + F - (resident_frames - sink_size)`` (so ``resident_frames`` counts the sink and the
+block); older ones are evicted (their pages released) before the block's view is built, the
+convention of :mod:`kvpo.routing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpo.models.config import WanConfig
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Sizes of the cache, in latent frames (LongLive's defaults)."""
+
+    sink_size: int = 3
+    local_attn_size: int = 12
+    resident_frames: int = 33
+    frames_per_block: int = 3
+
+    def __post_init__(self) -> None:
+        if self.frames_per_block < 1 or self.sink_size < 0:
+            raise ValueError(
+                f"need frames_per_block >= 1 and sink_size >= 0, got {self.frames_per_block} "
+                f"and {self.sink_size}"
+            )
+        if self.local_attn_size != -1 and self.local_attn_size < self.frames_per_block:
+            raise ValueError(
+                f"local_attn_size={self.local_attn_size} must be -1 (global) or at least "
+                f"frames_per_block={self.frames_per_block}"
+            )
+        if self.resident_frames != -1:
+            need = max(self.local_attn_size, self.sink_size + self.frames_per_block)
+            if self.local_attn_size == -1 or self.resident_frames < need:
+                raise ValueError(
+                    f"resident_frames={self.resident_frames} must be -1 (keep everything) or at "
+                    f"least local_attn_size={self.local_attn_size} and sink_size + "
+                    f"frames_per_block = {self.sink_size + self.frames_per_block} "
+                    "(global attention needs resident_frames=-1)"
+                )
+
+    def resident_start(self, start_frame: int, num_frames: int) -> int:
+        """First non-sink frame kept while the block ``[start_frame, +num_frames)`` runs."""
+        if self.resident_frames == -1:
+            return self.sink_size
+        capacity = self.resident_frames - self.sink_size
+        return max(self.sink_size, start_frame + num_frames - capacity)
+
+    def window(self, start_frame: int, num_frames: int) -> list[int]:
+        """Cached frames a block attends to by default (sink ++ newest), for local attention."""
+        if self.local_attn_size == -1:
+            raise ValueError("global attention attends to every resident frame; no fixed window")
+        sink = list(range(min(self.sink_size, start_frame)))
+        newest = self.local_attn_size - self.sink_size - num_frames
+        lo = max(self.sink_size, start_frame - max(newest, 0))
+        return sink + list(range(lo, start_frame))
+
+    def recache_frames(self, switch_frame: int) -> range:
+        """Frames re-encoded with the new prompt at a switch (LongLive: the last
+        ``local_attn_size`` frames, or all with global attention)."""
+        if self.local_attn_size == -1:
+            return range(0, switch_frame)
+        return range(max(0, switch_frame - self.local_attn_size), switch_frame)
+
+
+@dataclass
+class _Segment:
+    seq: int
+    first_frame: int
+    sink: bool  # holds sink frames only (main segments hold none)
+
+
+@dataclass
+class _Row:
+    segments: list[_Segment] = field(default_factory=list)
+
+
+@dataclass
+class PagedContext:
+    """A block's view of its rows' caches: what :class:`~kvpo.models.causal_wan.CausalWan` layers
+    attend through (``kvpo.models.causal_wan.BlockContext``).
+
+    ``page_table: [B, N] int32`` and ``ctx_lens: [B] int32`` name each row's cached context;
+    ``reservations``: ``(slots [B, T_part] int64, token_lo, token_hi)`` where the block's tokens
+    ``[token_lo, token_hi)`` are written (empty: read-only, e.g. denoising steps and replay).
+    """
+
+    store: object
+    page_table: torch.Tensor
+    ctx_lens: torch.Tensor
+    reservations: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)
+    backend: str | None = None
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.reservations)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write the block's K/V of ``layer`` (if reserved), then routed attention.
+
+        ``q, k, v: [B, L, H, D]`` -> ``[B, L, H, D]``.
+        """
+        from kvpo_kernels import routed_attention
+
+        for slots, lo, hi in self.reservations:
+            k_part = k[:, lo:hi].detach().contiguous()
+            v_part = v[:, lo:hi].detach().contiguous()
+            self.store.write(layer, slots, k_part, v_part)
+        pages = self.store.kv_pages(layer)
+        return routed_attention(
+            q, k, v, pages, self.page_table, self.ctx_lens, backend=self.backend
+        )
+
+
+class FrameCache:
+    """Rows of frames over a ``PagedKVStore`` whose ``page_size`` is the tokens per frame.
+
+    Args:
+        store: the paged store (``page_size`` = tokens per latent frame).
+        policy: :class:`CachePolicy`.
+        backend: routed-attention backend for the views (None: its default).
+    """
+
+    def __init__(self, store, policy: CachePolicy, backend: str | None = None) -> None:
+        self.store, self.policy, self.backend = store, policy, backend
+        self._rows: dict[int, _Row] = {}
+        self._next = 0
+
+    @classmethod
+    def create(
+        cls,
+        config: WanConfig,
+        policy: CachePolicy,
+        num_pages: int,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        backend: str | None = None,
+    ) -> FrameCache:
+        """A cache with a new store of ``num_pages`` frames for a model of shape ``config``."""
+        from kvpo_kernels.paged import PagedKVStore
+
+        store = PagedKVStore(
+            config.num_layers,
+            num_pages,
+            config.tokens_per_frame,
+            config.num_attention_heads,
+            config.attention_head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        return cls(store, policy, backend)
+
+    # ------------------------------------------------------------------ rows
+    def new_rows(self, n: int) -> list[int]:
+        """``n`` empty rows."""
+        return [self._add(_Row()) for _ in range(n)]
+
+    def fork(self, row: int, n: int) -> list[int]:
+        """``n`` rows sharing every frame of ``row`` (page refcounts; no K/V copied)."""
+        src = self._get(row)
+        kids = [_Row() for _ in range(n)]
+        for seg in src.segments:
+            for kid, seq in zip(kids, self.store.fork(seg.seq, n)):
+                kid.segments.append(_Segment(seq, seg.first_frame, seg.sink))
+        return [self._add(kid) for kid in kids]
+
+    def snapshot(self, row: int) -> int:
+        """A frozen row sharing ``row``'s frames (a fork); :meth:`free` it when done."""
+        return self.fork(row, 1)[0]
+
+    def restore(self, row: int, snapshot: int) -> None:
+        """Make ``row`` hold exactly ``snapshot``'s frames again (``snapshot`` stays live)."""
+        copy = self._rows.pop(self.fork(snapshot, 1)[0])
+        self._release(self._get(row))
+        self._rows[row] = copy
+
+    def free(self, rows: int | Sequence[int]) -> None:
+        """Drop rows; pages return to the store's free list when no row holds them."""
+        for row in [rows] if isinstance(rows, int) else rows:
+            self._release(self._get(row))
+            del self._rows[row]
+
+    def rows(self) -> list[int]:
+        return list(self._rows)
+
+    def frames(self, row: int) -> list[int]:
+        """Frames ``row`` holds (resident, served), ascending."""
+        return sorted(self._frame_pages(self._get(row)))
+
+    def next_frame(self, row: int) -> int:
+        """One past the newest frame of ``row`` (0 when empty)."""
+        held = self._frame_pages(self._get(row))
+        return max(held) + 1 if held else 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of K/V in pages held by any row (all layers)."""
+        return self.store.held_bytes
+
+    # ------------------------------------------------------------------ views
+    def view(
+        self,
+        rows: Sequence[int],
+        start_frame: int,
+        num_frames: int,
+        *,
+        plans: Sequence[Sequence[int]] | None = None,
+        write: bool = False,
+    ) -> PagedContext:
+        """The block ``[start_frame, start_frame + num_frames)``'s view of ``rows``.
+
+        Evicts frames that fall out of residency first. Args:
+            plans: per row, the cached frames to attend in attention order (a routing plan);
+                default the policy's sink + newest frames (all resident frames when global).
+            write: reserve pages for the block: the forward (or ``write_context``) using this
+                view writes its K/V into the rows. Writing frames a row already holds (a
+                recache) starts a new segment that then serves them.
+
+        Returns:
+            A :class:`PagedContext` for ``CausalWan.forward`` / ``write_context``.
+        """
+        rows = list(rows)
+        if plans is not None and len(plans) != len(rows):
+            raise ValueError(f"{len(plans)} plans for {len(rows)} rows")
+        keep_from = self.policy.resident_start(start_frame, num_frames)
+        tables = []
+        for i, row in enumerate(rows):
+            state = self._get(row)
+            self._evict(state, keep_from)
+            held = self._frame_pages(state)
+            if plans is not None:
+                plan = [int(f) for f in plans[i]]
+            elif self.policy.local_attn_size == -1:
+                plan = sorted(f for f in held if f < start_frame)
+            else:
+                plan = self.policy.window(start_frame, num_frames)
+            missing = [f for f in plan if f not in held]
+            if missing:
+                raise IndexError(
+                    f"row {row} (index {i}) attends to frames {missing} that it does not hold; "
+                    f"it holds {sorted(held)}"
+                )
+            if len(set(plan)) != len(plan):
+                raise ValueError(f"plan of row {row} names a frame more than once: {plan}")
+            tables.append([held[f] for f in plan])
+        page_size = self.store.page_size
+        width = max([1] + [len(t) for t in tables])
+        table = torch.zeros(len(rows), width, dtype=torch.int32)
+        for i, pages in enumerate(tables):
+            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        lens = torch.tensor([len(t) * page_size for t in tables], dtype=torch.int32)
+        device = self.store.device
+        context = PagedContext(self.store, table.to(device), lens.to(device), backend=self.backend)
+        if write:
+            context.reservations = self._reserve(rows, start_frame, num_frames)
+        return context
+
+    # ------------------------------------------------------------------ internals
+    def _reserve(self, rows, start_frame, num_frames):
+        """Pages for frames ``[start_frame, +num_frames)`` of each row, split at the sink end."""
+        sink_end = self.policy.sink_size
+        parts = [(start_frame, min(start_frame + num_frames, sink_end), True)]
+        parts.append((max(start_frame, sink_end), start_frame + num_frames, False))
+        reservations, per_frame = [], self.store.page_size
+        for lo, hi, sink in parts:
+            if hi <= lo:
+                continue
+            seqs = [self._target(self._get(row), row, lo, sink) for row in rows]
+            slots = self.store.reserve(seqs, (hi - lo) * per_frame)
+            reservations.append(
+                (slots, (lo - start_frame) * per_frame, (hi - start_frame) * per_frame)
+            )
+        return reservations
+
+    def _target(self, state: _Row, row: int, frame: int, sink: bool) -> int:
+        """The sequence frame ``frame`` is appended to: the newest segment of its kind when that
+        one ends right before ``frame``, else a new segment (a re-encoding starts one)."""
+        newest = self.next_frame(row)
+        if frame > newest:
+            raise ValueError(
+                f"row {row} holds frames up to {newest - 1}; writing frame {frame} leaves a gap"
+            )
+        same_kind = [seg for seg in state.segments if seg.sink == sink]
+        if same_kind:
+            seg = same_kind[-1]
+            end = seg.first_frame + self.store.total_length(seg.seq) // self.store.page_size
+            if end == frame:
+                return seg.seq
+        seg = _Segment(self.store.new_sequence(), frame, sink)
+        state.segments.append(seg)
+        return seg.seq
+
+    def _frame_pages(self, state: _Row) -> dict[int, int]:
+        """Frame -> page id served to ``state`` (newest segment wins)."""
+        held: dict[int, int] = {}
+        for seg in state.segments:
+            for pos, page in zip(self.store.positions(seg.seq), self.store.pages(seg.seq)):
+                held[seg.first_frame + pos] = page
+        return held
+
+    def _served(self, state: _Row) -> dict[int, list[int]]:
+        """Segment index -> frames it serves, oldest first."""
+        owner: dict[int, int] = {}
+        for index, seg in enumerate(state.segments):
+            for pos in self.store.positions(seg.seq):
+                owner[seg.first_frame + pos] = index
+        served: dict[int, list[int]] = {i: [] for i in range(len(state.segments))}
+        for frame in sorted(owner):
+            served[owner[frame]].append(frame)
+        return served
+
+    def _evict(self, state: _Row, keep_from: int) -> None:
+        """Free segments that serve nothing; release non-sink frames older than ``keep_from``."""
+        served = self._served(state)
+        keep = []
+        for index, seg in enumerate(state.segments):
+            frames = served[index]
+            old = [f for f in frames if not seg.sink and f < keep_from]
+            if len(old) == len(frames):
+                self.store.free(seg.seq)
+                continue
+            if old:
+                held = len(self.store.positions(seg.seq))
+                self.store.evict(seg.seq, keep_sink_pages=0, max_pages=held - len(old))
+            keep.append(seg)
+        state.segments = keep
+
+    def _release(self, state: _Row) -> None:
+        for seg in state.segments:
+            self.store.free(seg.seq)
+        state.segments = []
+
+    def _add(self, state: _Row) -> int:
+        row, self._next = self._next, self._next + 1
+        self._rows[row] = state
+        return row
+
+    def _get(self, row: int) -> _Row:
+        state = self._rows.get(row)
+        if state is None:
+            raise KeyError(f"unknown or freed row {row}; live rows: {sorted(self._rows)}")
+        return state

@@ -1,0 +1,329 @@
+"""Few-step sampling of causal Wan models: the shifted flow-matching schedule and the block loop.
+
+Flow matching: ``x_t = (1 - sigma) x0 + sigma * eps``, the model predicts the velocity
+``v = eps - x0`` at timestep ``1000 * sigma``, so ``x0_hat = x_t - sigma * v``.
+
+Schedule (Self-Forcing / LongLive): denoising steps ``[1000, 750, 500, 250]`` warped by the time
+shift 5, ``sigma = shift * s / (1 + (shift - 1) * s)`` with ``s = step / 1000``, give
+``t = [1000, 937.5, 833.3, 625]``.
+
+Two update rules between steps ``s`` and ``s + 1``:
+
+- ``"x0"`` (the distilled models): ``x_{s+1} = (1 - sigma_{s+1}) x0_hat + sigma_{s+1} xi_s`` with
+  caller-supplied noise ``xi_s``;
+- ``"euler"``: the plain ODE step ``x_{s+1} = x_s + (sigma_{s+1} - sigma_s) v``.
+
+After the last step the block's ``x0_hat`` is its output; :func:`generate` then runs the context
+pass (the clean block at ``t = 0``) that writes its K/V into the rows' caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpo.models.causal_wan import CausalWan, TextContext
+from kvpo.models.frame_cache import FrameCache
+
+UPDATE_RULES = ("x0", "euler")
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The few-step timesteps.
+
+    Args:
+        denoising_steps: raw steps in ``(0, num_train_timesteps]``, descending.
+        shift: flow-matching time shift (1 = none).
+        num_train_timesteps: the scale of ``t`` (1000).
+        warp: apply the shift to the steps (Self-Forcing's ``warp_denoising_step``).
+    """
+
+    denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+    warp: bool = True
+
+    def __post_init__(self) -> None:
+        steps = [float(s) for s in self.denoising_steps]
+        if not steps or any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"denoising_steps must be non-empty and descending, got {steps}")
+        if steps[-1] <= 0 or steps[0] > self.num_train_timesteps:
+            raise ValueError(
+                f"denoising_steps must lie in (0, {self.num_train_timesteps}], got {steps}"
+            )
+        object.__setattr__(self, "denoising_steps", tuple(steps))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.denoising_steps)
+
+    def sigmas(self) -> torch.Tensor:
+        """``[S]`` float64 noise levels of the steps."""
+        s = torch.tensor(self.denoising_steps, dtype=torch.float64) / self.num_train_timesteps
+        if self.warp:
+            s = self.shift * s / (1 + (self.shift - 1) * s)
+        return s
+
+    def timesteps(self) -> torch.Tensor:
+        """``[S]`` float64 model timesteps ``num_train_timesteps * sigma``."""
+        return self.sigmas() * self.num_train_timesteps
+
+
+@dataclass
+class Trajectory:
+    """One block's denoising record: ``z[s]`` the noisy input of step ``s`` and ``v[s]`` the
+    model's velocity there, each ``[S, B, C, F, H, W]``; ``sigmas: [S]``.
+    ``x0[s] = z[s] - sigmas[s] * v[s]``."""
+
+    z: torch.Tensor
+    v: torch.Tensor
+    sigmas: torch.Tensor
+
+    def x0(self) -> torch.Tensor:
+        sig = self.sigmas.to(self.z.dtype).view(-1, *([1] * (self.z.dim() - 1)))
+        return self.z - sig * self.v
+
+
+class FewStepSampler:
+    """Denoises one block in ``schedule.num_steps`` model calls.
+
+    Args:
+        schedule: :class:`FlowSchedule`.
+        rule: ``"x0"`` (re-noise the x0 prediction; needs ``renoise``) or ``"euler"``.
+    """
+
+    def __init__(self, schedule: FlowSchedule | None = None, rule: str = "x0") -> None:
+        if rule not in UPDATE_RULES:
+            raise ValueError(f"rule must be one of {UPDATE_RULES}, got {rule!r}")
+        self.schedule = schedule or FlowSchedule()
+        self.rule = rule
+
+    def denoise_block(
+        self,
+        model: CausalWan,
+        noise: torch.Tensor,
+        text: TextContext,
+        start_frame: int,
+        context=None,
+        renoise: torch.Tensor | None = None,
+        record: bool = False,
+    ) -> tuple[torch.Tensor, Trajectory | None]:
+        """Sample one block.
+
+        Args:
+            noise: ``[B, C, F, H, W]`` the block's initial noise (``sigma = 1`` at step 1000).
+            text, start_frame, context: as for ``CausalWan.forward`` (the context is read only).
+            renoise: ``[S - 1, B | 1, C, F, H, W]`` the re-noising noise ``xi_s`` (rule ``"x0"``).
+            record: also return the :class:`Trajectory`.
+
+        Returns:
+            ``x0_hat: [B, C, F, H, W]`` (``noise``'s dtype) and the trajectory or None.
+        """
+        sigmas = self.schedule.sigmas()
+        steps = len(sigmas)
+        if self.rule == "x0" and steps > 1:
+            expected = (steps - 1, noise.shape[1], *noise.shape[2:])
+            if (
+                renoise is None
+                or renoise.dim() != 6
+                or (renoise.shape[0], *renoise.shape[2:]) != expected
+            ):
+                got = None if renoise is None else tuple(renoise.shape)
+                raise ValueError(
+                    f"rule 'x0' needs renoise [S-1={steps - 1}, B|1, {noise.shape[1]}, "
+                    f"{', '.join(map(str, noise.shape[2:]))}], got {got}"
+                )
+        x, zs, vs = noise, [], []
+        for s in range(steps):
+            sigma = float(sigmas[s])
+            v = model(x, sigma * self.schedule.num_train_timesteps, text, start_frame, context)
+            if record:
+                zs.append(x)
+                vs.append(v)
+            x0 = x - sigma * v
+            if s + 1 < steps:
+                nxt = float(sigmas[s + 1])
+                if self.rule == "x0":
+                    x = (1 - nxt) * x0 + nxt * renoise[s].to(x0.dtype)
+                else:
+                    x = x + (nxt - sigma) * v
+        trajectory = None
+        if record:
+            trajectory = Trajectory(torch.stack(zs), torch.stack(vs), sigmas.to(noise.dtype))
+        return x0, trajectory
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` returns: ``latents: [B, C, F, H, W]`` (the generated frames) and,
+    when recorded, one :class:`Trajectory` per block (``block_starts[i]`` its first frame)."""
+
+    latents: torch.Tensor
+    block_starts: list[int] = field(default_factory=list)
+    trajectories: list[Trajectory] = field(default_factory=list)
+
+
+@torch.no_grad()
+def recache(
+    model: CausalWan,
+    cache: FrameCache,
+    rows: Sequence[int],
+    latents: torch.Tensor,
+    text: TextContext,
+    switch_frame: int,
+    context_timestep: float = 0.0,
+) -> range:
+    """Prompt-switch recache (LongLive): re-encode the policy's recache frames with the new prompt.
+
+    The frames ``R = policy.recache_frames(switch_frame)`` are written again, block by block from
+    ``R``'s start, each block attending to the re-encoded frames of ``R`` before it; they then
+    serve the rows in place of the old entries (older frames are kept as they are).
+
+    Args:
+        latents: ``[B | 1, C, len(R) or more, H, W]`` clean latents ending at ``switch_frame``
+            (the last ``len(R)`` frames are used).
+        text: the new prompt's context.
+
+    Returns:
+        The re-encoded frame range ``R``.
+    """
+    frames = cache.policy.recache_frames(switch_frame)
+    if len(frames) == 0:
+        return frames
+    if latents.shape[2] < len(frames):
+        raise ValueError(
+            f"recache at frame {switch_frame} re-encodes frames {frames.start}..{frames.stop - 1} "
+            f"but latents hold only {latents.shape[2]} frames"
+        )
+    window = latents[:, :, latents.shape[2] - len(frames) :]
+    rows = list(rows)
+    window = window.expand(len(rows), *window.shape[1:])
+    step = cache.policy.frames_per_block
+    for lo in range(frames.start, frames.stop, step):
+        hi = min(lo + step, frames.stop)
+        plan = list(range(frames.start, lo))
+        view = cache.view(rows, lo, hi - lo, plans=[plan] * len(rows), write=True)
+        block = window[:, :, lo - frames.start : hi - frames.start]
+        model.write_context(block, text, lo, view, timestep=context_timestep)
+    return frames
+
+
+PlanFn = Callable[[int], "Sequence[Sequence[int]] | None"]
+
+
+def generate(
+    model: CausalWan,
+    cache: FrameCache,
+    rows: Sequence[int],
+    text: TextContext,
+    noise: torch.Tensor,
+    *,
+    sampler: FewStepSampler | None = None,
+    renoise: torch.Tensor | None = None,
+    start_frame: int = 0,
+    switches: dict[int, TextContext] | None = None,
+    history: torch.Tensor | None = None,
+    plans: PlanFn | None = None,
+    record: bool = False,
+    row_batch: int | None = None,
+    context_timestep: float = 0.0,
+) -> Generation:
+    """Generate frames block by block for ``rows`` (all at the same frame), batched over rows.
+
+    Args:
+        rows: cache rows holding frames ``< start_frame`` (empty rows for ``start_frame = 0``).
+        text: the prompts in force at ``start_frame`` (1 or ``len(rows)``).
+        noise: ``[B | 1, C, F_total, H, W]`` initial noise of every frame to generate
+            (``F_total`` a multiple of the policy's ``frames_per_block``).
+        renoise: ``[S - 1, B | 1, C, F_total, H, W]`` re-noising noise (rule ``"x0"``).
+        switches: ``{frame: text}`` prompt switches at block starts: the text changes and the
+            window is re-encoded (:func:`recache`) first.
+        history: ``[B | 1, C, start_frame, H, W]`` clean latents before ``start_frame``, needed
+            when a switch re-encodes frames generated before this call.
+        plans: ``plans(block_start)`` -> per-row cached frames to attend (a routing plan, used for
+            the denoising steps and the context pass) or None for the policy's default.
+        record: keep each block's :class:`Trajectory`.
+        row_batch: process rows in micro-batches of this size (None: all at once).
+        context_timestep: timestep of the context pass (0).
+
+    Returns:
+        :class:`Generation` with ``latents: [B, C, F_total, H, W]`` in ``noise``'s dtype.
+    """
+    sampler = sampler or FewStepSampler()
+    rows = list(rows)
+    batch, block = len(rows), cache.policy.frames_per_block
+    total = noise.shape[2]
+    if total % block:
+        raise ValueError(f"noise has {total} frames, not a multiple of frames_per_block={block}")
+    for tensor, name in ((noise, "noise"), (history, "history")):
+        if tensor is not None and tensor.shape[0] not in (1, batch):
+            raise ValueError(f"{name} has batch {tensor.shape[0]}, expected 1 or {batch}")
+    switches = dict(switches or {})
+    starts = range(start_frame, start_frame + total, block)
+    known = 0 if history is None else history.shape[2]
+    for frame in sorted(switches):
+        if frame not in starts:
+            raise ValueError(
+                f"switch frame {frame} is not a block start in {start_frame}..{starts[-1]} "
+                f"(blocks of {block} frames)"
+            )
+        needed = len(cache.policy.recache_frames(frame))
+        if needed > frame - start_frame + known:
+            raise ValueError(
+                f"the switch at frame {frame} re-encodes {needed} frames but only "
+                f"{frame - start_frame + known} are available: pass history (the clean latents "
+                f"before start_frame={start_frame})"
+            )
+    row_batch = row_batch or batch
+    out = noise.new_empty(batch, *noise.shape[1:])
+    result = Generation(out)
+    for f0 in starts:
+        lo = f0 - start_frame
+        if f0 in switches:
+            text = switches.pop(f0)
+            past = out[:, :, :lo]
+            if history is not None:
+                past = torch.cat([history.expand(batch, *history.shape[1:]), past], dim=2)
+            recache(model, cache, rows, past, text, f0, context_timestep)
+        plan = plans(f0) if plans is not None else None
+        pieces, trajs = [], []
+        for r0 in range(0, batch, row_batch):
+            sub = slice(r0, min(r0 + row_batch, batch))
+            sub_rows = rows[sub]
+            sub_plan = None if plan is None else list(plan)[sub]
+            sub_text = text if text.num_prompts == 1 else text.select(range(sub.start, sub.stop))
+            x_noise = _rows(noise, sub, batch)[:, :, lo : lo + block]
+            xi = (
+                None
+                if renoise is None
+                else _rows(renoise, sub, batch, dim=1)[:, :, :, lo : lo + block]
+            )
+            view = cache.view(sub_rows, f0, block, plans=sub_plan)
+            x0, traj = sampler.denoise_block(model, x_noise, sub_text, f0, view, xi, record)
+            write = cache.view(sub_rows, f0, block, plans=sub_plan, write=True)
+            model.write_context(x0, sub_text, f0, write, timestep=context_timestep)
+            pieces.append(x0)
+            trajs.append(traj)
+        out[:, :, lo : lo + block] = torch.cat(pieces)
+        if record:
+            result.block_starts.append(f0)
+            result.trajectories.append(
+                Trajectory(
+                    torch.cat([t.z for t in trajs], dim=1),
+                    torch.cat([t.v for t in trajs], dim=1),
+                    trajs[0].sigmas,
+                )
+            )
+    return result
+
+
+def _rows(tensor: torch.Tensor, sub: slice, batch: int, dim: int = 0) -> torch.Tensor:
+    """Rows ``sub`` of a tensor whose dim ``dim`` is ``batch`` or 1 (broadcast)."""
+    if tensor.shape[dim] == 1:
+        shape = list(tensor.shape)
+        shape[dim] = sub.stop - sub.start
+        return tensor.expand(*shape)
+    return tensor.narrow(dim, sub.start, sub.stop - sub.start)
