@@ -16,7 +16,7 @@ class PageAllocator:
     """Hands out page ids ``0 .. num_pages - 1`` and counts who holds each page.
 
     A page is free exactly when its count is 0. ``allocate`` gives pages with count 1,
-    ``share`` adds one holder per listed page, ``release`` drops one and returns the pages whose
+    ``share`` adds holders to each listed page, ``release`` drops one and returns the pages whose
     count reached 0 to the free list, which hands out the most recently freed pages first
     (initially the lowest ids first).
     """
@@ -47,12 +47,12 @@ class PageAllocator:
             self._counts[page] = 1
         return pages
 
-    def share(self, pages: Iterable[int]) -> None:
-        """One more holder for each listed (allocated) page."""
+    def share(self, pages: Iterable[int], holders: int = 1) -> None:
+        """``holders`` more holders for each listed (allocated) page."""
         for page in pages:
             if self._counts[page] < 1:
                 raise AssertionError(f"page {page} is free; only held pages can be shared")
-            self._counts[page] += 1
+            self._counts[page] += holders
 
     def release(self, pages: Iterable[int]) -> list[int]:
         """One holder fewer for each listed page; returns the pages that became free."""

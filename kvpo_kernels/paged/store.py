@@ -158,12 +158,8 @@ class PagedKVStore:
             raise ValueError(f"fork needs n >= 0, got {n}")
         s = self._get(seq)
         self._check_not_pending(seq, s, "fork")
-        held = s.resident()
-        kids = []
-        for _ in range(n):
-            self.allocator.share(held)
-            kids.append(self._add(_Sequence(list(s.pages), s.length, s.evicted)))
-        return kids
+        self.allocator.share(s.resident(), holders=n)
+        return [self._add(_Sequence(list(s.pages), s.length, s.evicted)) for _ in range(n)]
 
     def free(self, seq: int) -> None:
         """Drop ``seq``: each of its pages loses a holder and returns to the free list at zero.

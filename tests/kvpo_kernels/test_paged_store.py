@@ -17,6 +17,7 @@ from kvpo_kernels.paged import OutOfPages, UnknownSequence
 from tests.oracle import BACKENDS
 
 L, S, H, D = 2, 4, 2, 3  # layers, page_size, heads, head_dim
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _store(num_pages=16, **kw):
@@ -33,7 +34,7 @@ def _tokens(t, seed):
 def _assert_holds(store, seq, k_ref, v_ref):
     k, v = store.gather(seq)
     assert store.length(seq) == k_ref.shape[1]
-    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert torch.equal(k.cpu(), k_ref.cpu()) and torch.equal(v.cpu(), v_ref.cpu())
 
 
 def test_append_fills_tail_then_new_pages():
@@ -52,17 +53,17 @@ def test_append_fills_tail_then_new_pages():
     assert store.kv_pages(1).data_ptr() == store.pool[1].data_ptr()
 
 
-def test_fork_shares_pages_and_copy_on_write_protects_the_parent():
-    store = _store()
+def test_fork_shares_pages_and_copy_on_write_protects_the_parent(device):
+    store = _store(device=device)
     parent = store.new_sequence()
-    k, v = _tokens(6, 3)  # page 0 full, page 1 half full
+    k, v = (t.to(device) for t in _tokens(6, 3))  # page 0 full, page 1 half full
     store.append(parent, k, v)
     pool_before = store.pool.clone()
     kids = store.fork(parent, 3)
     assert torch.equal(store.pool.nan_to_num(), pool_before.nan_to_num())  # no bytes moved
     assert store.num_free_pages == 14
     assert [store.refcount(p) for p in (0, 1)] == [4, 4]
-    k_new, v_new = _tokens(3, 4)
+    k_new, v_new = (t.to(device) for t in _tokens(3, 4))
     store.append(kids[0], k_new, v_new)  # shared half-full tail: copied before the write
     assert store.pages(kids[0])[0] == 0 and store.pages(kids[0])[1] not in (0, 1)
     assert [store.refcount(p) for p in (0, 1)] == [4, 3]
@@ -82,16 +83,17 @@ def test_full_shared_tail_is_not_copied():
     assert store.pages(kid)[:2] == store.pages(parent)
 
 
-def test_reserve_and_write_layer_by_layer_for_a_batch():
-    store = _store()
+def test_reserve_and_write_layer_by_layer_for_a_batch(device):
+    store = _store(device=device)
     a, b = store.new_sequence(), store.new_sequence()
-    ka, va = _tokens(2, 7)
+    ka, va = (t.to(device) for t in _tokens(2, 7))
     store.append(a, ka, va)
     (c,) = store.fork(a, 1)
-    new_k = torch.randn(L, 3, 5, H, D)
-    new_v = torch.randn(L, 3, 5, H, D)
+    new_k = torch.randn(L, 3, 5, H, D, device=device)
+    new_v = torch.randn(L, 3, 5, H, D, device=device)
     slots = store.reserve([a, b, c], 5)  # a batch of rows, 5 new tokens each
     assert slots.dtype == torch.int64 and slots.shape == (3, 5)
+    assert slots.device.type == device.type
     assert store.refcount(store.pages(a)[0]) == 1  # a's tail was copied: a and c diverge
     for layer in range(L):
         store.write(layer, slots, new_k[layer], new_v[layer])
@@ -218,8 +220,8 @@ class _Reference:
     """Dense model of one sequence: every token ever appended, and which page positions left."""
 
     def __init__(self, k=None, v=None, evicted=()):
-        self.k = torch.empty(L, 0, H, D) if k is None else k
-        self.v = torch.empty(L, 0, H, D) if v is None else v
+        self.k = torch.empty(L, 0, H, D, device=DEVICE) if k is None else k
+        self.v = torch.empty(L, 0, H, D, device=DEVICE) if v is None else v
         self.evicted = set(evicted)
 
     def copy(self):
@@ -255,12 +257,13 @@ class StoreMachine(RuleBasedStateMachine):
 
     @initialize(backend=st.sampled_from(BACKENDS))
     def make_store(self, backend):
-        self.store = _store(num_pages=12, backend=backend)
+        self.store = _store(num_pages=12, backend=backend, device=DEVICE)
 
     def _new_tokens(self, *shape):
         self.seed += 1
         g = torch.Generator().manual_seed(self.seed)
-        return torch.randn(L, *shape, H, D, generator=g), torch.randn(L, *shape, H, D, generator=g)
+        k, v = (torch.randn(L, *shape, H, D, generator=g) for _ in range(2))
+        return k.to(DEVICE), v.to(DEVICE)
 
     def _pool_bits(self):
         return self.store.pool.view(torch.int32).clone()
