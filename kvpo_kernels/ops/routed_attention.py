@@ -107,6 +107,31 @@ def _backward_torch(dout, dlse, q, k_new, v_new, kv_pages, page_table, ctx_lens,
     return dq.to(q.dtype), dk.to(k_new.dtype), dv.to(v_new.dtype)
 
 
+def _cpu_only(q: torch.Tensor) -> None:
+    if q.device.type != "cpu":
+        raise registry.BackendUnavailable(
+            f"{OP}: the cpp backend has CPU kernels only, got {q.device} tensors; use triton"
+        )
+
+
+@registry.register(OP, "cpp")
+def _forward_cpp(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale):
+    """OpenMP kernel reading the pages in place (csrc/cpu/routed_attention.cpp)."""
+    _cpu_only(q)
+    return torch.ops.kvpo_C.routed_attention_fwd(
+        q, k_new, v_new, kv_pages, page_table.contiguous(), ctx_lens.contiguous(), scale
+    )
+
+
+@registry.register(OP_BACKWARD, "cpp")
+def _backward_cpp(dout, dlse, q, k_new, v_new, kv_pages, page_table, ctx_lens, out, lse, scale):
+    _cpu_only(q)
+    return torch.ops.kvpo_C.routed_attention_bwd(
+        dout, dlse, q, k_new, v_new, kv_pages, page_table.contiguous(), ctx_lens.contiguous(),
+        out, lse, scale,
+    )  # fmt: skip
+
+
 @torch.library.custom_op("kvpo::routed_attention_fwd", mutates_args=())
 def _forward_op(
     q: torch.Tensor,

@@ -25,14 +25,16 @@ DTYPES = {
     "triton": (torch.float32, torch.float16),  # the interpreter's bf16 tl.dot is broken
 }
 BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in DTYPES[b]]
-GARBAGE_PAGE = 10**6  # page-table entries past a row's pages: must never be read
+GARBAGE_PAGE = 10**6
+LONG_TABLE = [
+    int(i) for i in torch.randperm(40, generator=torch.Generator().manual_seed(3))
+]  # page-table entries past a row's pages: must never be read
 
 
 def oracle(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale, dtype=torch.float64):
     """Routed attention by per-token gather, computed entirely in ``dtype``: (out, lse)."""
     batch, lq, heads, dim = q.shape
     page_size, kv_heads = kv_pages.shape[2], kv_pages.shape[3]
-    group = heads // kv_heads
     outs, lses = [], []
     for b in range(batch):
         keys, values = [], []
@@ -42,20 +44,16 @@ def oracle(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale, dtype=torch.f
             values.append(kv_pages[page, 1, t % page_size])
         keys += list(k_new[b].unbind(0))
         values += list(v_new[b].unbind(0))
-        row_out, row_lse = [], []
-        for h in range(heads):
-            qh = q[b, :, h].to(dtype)
-            if not keys:
-                row_out.append(torch.zeros(lq, dim, dtype=dtype))
-                row_lse.append(torch.full((lq,), float("-inf"), dtype=dtype))
-                continue
-            kh = torch.stack([k[h // group] for k in keys]).to(dtype)
-            vh = torch.stack([v[h // group] for v in values]).to(dtype)
-            scores = (qh @ kh.T) * scale
-            row_out.append(torch.softmax(scores, dim=-1) @ vh)
-            row_lse.append(torch.logsumexp(scores, dim=-1))
-        outs.append(torch.stack(row_out, dim=1))
-        lses.append(torch.stack(row_lse))
+        if not keys:
+            outs.append(torch.zeros(lq, heads, dim, dtype=dtype))
+            lses.append(torch.full((heads, lq), float("-inf"), dtype=dtype))
+            continue
+        # head h reads kv head h // (H / H_kv)
+        kh = torch.stack(keys).to(dtype).repeat_interleave(heads // kv_heads, dim=1)
+        vh = torch.stack(values).to(dtype).repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[b].to(dtype), kh) * scale
+        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vh))
+        lses.append(torch.logsumexp(scores, dim=-1))
     return torch.stack(outs), torch.stack(lses)
 
 
@@ -105,6 +103,17 @@ CASES = {
     "ln=0": lambda **kw: make_case([[4, 1], [1, 8]], [9, 14], ln=0, **kw),
     "b=1 lq=1 mha": lambda **kw: make_case([[3, 0]], [11], lq=1, ln=2, heads=2, kv_heads=2, **kw),
     "empty row, no new tokens": lambda **kw: make_case([[6], []], [4, 0], ln=0, **kw),
+    # several key blocks, query tiles and new-token tiles of the kernels; D not a multiple of 16
+    "long, odd head dim": lambda **kw: make_case(
+        [LONG_TABLE[:16], LONG_TABLE[8:19] + [LONG_TABLE[9]]],
+        [200, 150],
+        lq=100,
+        ln=110,
+        dim=40,
+        page_size=13,
+        num_pages=40,
+        **kw,
+    ),
 }
 
 
@@ -156,7 +165,7 @@ def _grads(case, fn, compute, weights):
     return torch.autograd.grad(loss, inputs)
 
 
-@pytest.mark.parametrize("name", ["shared+aliased+empty+gqa", "b=1 lq=1 mha"])
+@pytest.mark.parametrize("name", ["shared+aliased+empty+gqa", "b=1 lq=1 mha", "long, odd head dim"])
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 def test_gradients_match_fp64_oracle(backend, dtype, name):
     _skip_unless_implemented(backend)
@@ -178,6 +187,34 @@ def test_gradients_match_fp64_oracle(backend, dtype, name):
     for label, g, r, e in zip(("dq", "dk_new", "dv_new"), got, ref, eager):
         assert g.dtype == dtype
         assert_close_to_oracle(g, e, r, what=f"{backend} {dtype} {name} {label}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_portable_path_matches_fp64_oracle(monkeypatch, dtype):
+    # the C++ kernel's instruction set is chosen per call; force the portable C++ tiles
+    monkeypatch.setenv("KVPO_CPU_ISA", "generic")
+    _skip_unless_implemented("cpp")
+    case = CASES["long, odd head dim"](dtype=dtype)
+    batch, lq, heads, _ = case.q.shape
+    gen = torch.Generator().manual_seed(1)
+    weights = (
+        torch.randn(case.q.shape, generator=gen),
+        torch.randn(batch, heads, lq, generator=gen),
+    )
+
+    def kernel(*args):
+        return kvpo_kernels.routed_attention(*args, return_lse=True, backend="cpp")
+
+    scale = 1 / math.sqrt(case.q.shape[-1])
+    out, lse = kernel(*case.args())
+    ref_out, ref_lse = oracle(*case.args(), scale)
+    eager_out, _ = oracle(*case.args(), scale, dtype=dtype)
+    assert_close_to_oracle(out, eager_out, ref_out, what="generic out")
+    got = _grads(case, kernel, dtype, weights)
+    ref = _grads(case, lambda *a: oracle(*a, scale), torch.float64, weights)
+    eager = _grads(case, lambda *a: oracle(*a, scale, dtype=dtype), dtype, weights)
+    for label, g, r, e in zip(("dq", "dk_new", "dv_new"), got, ref, eager):
+        assert_close_to_oracle(g, e, r, what=f"generic {dtype} {label}")
 
 
 def test_pool_that_requires_grad_is_rejected():
