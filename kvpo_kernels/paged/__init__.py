@@ -1,6 +1,7 @@
 """Branch-shared paged K/V storage: a page allocator with refcounts and the store built on it."""
 
 from kvpo_kernels.paged.allocator import OutOfPages, PageAllocator
-from kvpo_kernels.paged.store import PagedKVStore, UnknownSequence
+from kvpo_kernels.paged.sequence import UnknownSequence
+from kvpo_kernels.paged.store import PagedKVStore
 
 __all__ = ["OutOfPages", "PageAllocator", "PagedKVStore", "UnknownSequence"]

@@ -14,36 +14,13 @@ tables and slot ids reach a CUDA device through pinned, non-blocking copies.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from kvpo_kernels.ops.pages import copy_pages
 from kvpo_kernels.ops.write_pages import write_pages
 from kvpo_kernels.paged.allocator import OutOfPages, PageAllocator
-
-
-class UnknownSequence(LookupError):
-    """A sequence handle that this store never made, or one that was freed."""
-
-
-@dataclass
-class _Sequence:
-    pages: list[int | None]  # page id per logical position; None = evicted
-    length: int = 0  # tokens appended over the sequence's life (= position of the next token)
-    evicted: int = 0  # number of evicted positions (always full pages)
-    pending: int = 0  # open reservations naming this sequence
-
-    def resident(self) -> list[int]:
-        return [p for p in self.pages if p is not None]
-
-
-@dataclass
-class _Reservation:
-    slots: torch.Tensor  # [len(seqs), T] int64, as returned by reserve
-    seqs: list[int]
-    unwritten: set[int]  # layers not yet written
-    freed_rows: set[int] = field(default_factory=set)  # rows whose sequence was freed meanwhile
+from kvpo_kernels.paged.sequence import Reservation, SequenceState, UnknownSequence
 
 
 class PagedKVStore:
@@ -86,9 +63,9 @@ class PagedKVStore:
         self.num_layers, self.page_size = num_layers, page_size
         self.num_heads, self.head_dim = num_heads, head_dim
         self.backend = backend
-        self._seqs: dict[int, _Sequence] = {}
+        self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
-        self._open: dict[int, _Reservation] = {}  # id(slots) -> reservation
+        self._open: dict[int, Reservation] = {}  # id(slots) -> reservation
 
     # ----------------------------------------------------------------- pool and pages
     @property
@@ -129,7 +106,7 @@ class PagedKVStore:
     # ----------------------------------------------------------------- sequences
     def new_sequence(self) -> int:
         """A new empty sequence."""
-        return self._add(_Sequence(pages=[]))
+        return self._add(SequenceState(pages=[]))
 
     def sequences(self) -> list[int]:
         """Handles of the live sequences, oldest first."""
@@ -146,7 +123,7 @@ class PagedKVStore:
 
     def positions(self, seq: int) -> list[int]:
         """Logical page positions ``seq`` still holds, in order (evicted ones left out)."""
-        return [i for i, p in enumerate(self._get(seq).pages) if p is not None]
+        return self._get(seq).positions()
 
     def pages(self, seq: int) -> list[int]:
         """Page ids ``seq`` holds, in position order."""
@@ -159,7 +136,7 @@ class PagedKVStore:
         s = self._get(seq)
         self._check_not_pending(seq, s, "fork")
         self.allocator.share(s.resident(), holders=n)
-        return [self._add(_Sequence(list(s.pages), s.length, s.evicted)) for _ in range(n)]
+        return [self._add(SequenceState(list(s.pages), s.length, s.evicted)) for _ in range(n)]
 
     def free(self, seq: int) -> None:
         """Drop ``seq``: each of its pages loses a holder and returns to the free list at zero.
@@ -265,7 +242,7 @@ class PagedKVStore:
         if src:
             copy_pages(self.pool, self._ids(src), self._ids(dst), backend=self.backend)
         slots = self._to_device(torch.tensor(flat, dtype=torch.int64).view(len(seqs), num_tokens))
-        self._open[id(slots)] = _Reservation(slots, seqs, set(range(self.num_layers)))
+        self._open[id(slots)] = Reservation(slots, seqs, set(range(self.num_layers)))
         return slots
 
     @torch.compiler.disable
@@ -355,14 +332,12 @@ class PagedKVStore:
         for i, seq in enumerate(seqs):
             s = self._get(seq)
             if select is None:
-                positions = self.positions(seq)
+                positions = s.positions()
             else:
                 positions = [int(p) for p in select[i]]
-                self._check_select(i, seq, s, positions)
+                s.check_select(i, seq, positions, self.page_size)
             rows.append([s.pages[p] for p in positions])
-            tail = len(s.pages) - 1
-            partial = self.page_size - (s.length - tail * self.page_size)
-            lens.append(len(positions) * self.page_size - (partial if tail in positions else 0))
+            lens.append(s.tokens_in(positions, self.page_size))
         width = max([1] + [len(r) for r in rows])
         table = torch.zeros(len(seqs), width, dtype=torch.int32)
         for i, row in enumerate(rows):
@@ -370,12 +345,12 @@ class PagedKVStore:
         return self._to_device(table), self._to_device(torch.tensor(lens, dtype=torch.int32))
 
     # ----------------------------------------------------------------- internals
-    def _add(self, s: _Sequence) -> int:
+    def _add(self, s: SequenceState) -> int:
         seq, self._next_id = self._next_id, self._next_id + 1
         self._seqs[seq] = s
         return seq
 
-    def _get(self, seq: int) -> _Sequence:
+    def _get(self, seq: int) -> SequenceState:
         s = self._seqs.get(seq) if isinstance(seq, int) else None
         if s is not None:
             return s
@@ -389,31 +364,11 @@ class PagedKVStore:
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} is outside 0..{self.num_layers - 1}")
 
-    def _check_not_pending(self, seq: int, s: _Sequence, what: str) -> None:
+    def _check_not_pending(self, seq: int, s: SequenceState, what: str) -> None:
         if s.pending:
             raise RuntimeError(
                 f"cannot {what} sequence {seq}: it has reserved tokens not yet written in every "
                 "layer; call write() for each layer with the slots reserve() returned first"
-            )
-
-    def _check_select(self, row: int, seq: int, s: _Sequence, positions: list[int]) -> None:
-        tail = len(s.pages) - 1
-        for j, p in enumerate(positions):
-            if not 0 <= p <= tail:
-                raise IndexError(
-                    f"select[{row}][{j}] = {p}: sequence {seq} has page positions 0..{tail}"
-                )
-            if s.pages[p] is None:
-                raise IndexError(
-                    f"select[{row}][{j}] = {p}: that page of sequence {seq} was evicted"
-                )
-        if len(set(positions)) != len(positions):
-            raise ValueError(f"select[{row}] names a position more than once: {positions}")
-        if s.length % self.page_size and tail in positions[:-1]:
-            raise ValueError(
-                f"select[{row}] puts the partial tail page (position {tail}, "
-                f"{s.length % self.page_size} of {self.page_size} tokens) at index "
-                f"{positions.index(tail)} of {len(positions)}; a partial page must come last"
             )
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
