@@ -1,0 +1,127 @@
+"""The reward interface: how KVPO scores decoded videos, and a registry of reward models.
+
+A reward model is a callable
+
+    reward(videos, prompts, metadata=None) -> dict[str, Tensor]
+
+- ``videos``: [B, T, 3, H, W] float in [0, 1], on any device.
+- ``prompts``: a sequence of B strings, one per video (a multi-segment story where the model
+  understands one; the toy reward parses ``", then "`` clauses).
+- ``metadata``: optional mapping of extra per-video information, e.g. ``segment_starts``
+  (a list of B lists of frame indices where each prompt segment starts).
+- Returns one [B] float32 tensor per reward component, on the videos' device, each in [0, 1]
+  for the built-in toy reward (real reward models may use other ranges; the advantage is
+  normalised per group, so only the order within a group matters).
+
+Real reward models (HPSv3, VideoAlign's VQ/MQ/TA, ...) plug in with :func:`register_reward`;
+:func:`build_reward` constructs one by name and :func:`score` validates inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+
+class RewardModel(Protocol):
+    """What every reward model implements (see the module docstring for the contract)."""
+
+    names: tuple[str, ...]
+
+    def __call__(
+        self,
+        videos: torch.Tensor,
+        prompts: Sequence[str],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]: ...
+
+
+_FACTORIES: dict[str, Callable[..., RewardModel]] = {}
+_BUILTIN = {"toy": "kvpo.toy.rewards:ToyReward"}
+
+
+def register_reward(
+    name: str,
+) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
+    """Class or factory decorator: make ``build_reward(name, **kwargs)`` construct it."""
+
+    def add(factory: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
+        if name in _FACTORIES and _FACTORIES[name] is not factory:
+            raise ValueError(f"a reward named {name!r} is already registered: {_FACTORIES[name]}")
+        _FACTORIES[name] = factory
+        return factory
+
+    return add
+
+
+def available_rewards() -> list[str]:
+    """Names :func:`build_reward` accepts."""
+    return sorted(set(_FACTORIES) | set(_BUILTIN))
+
+
+def build_reward(name: str, **kwargs: Any) -> RewardModel:
+    """Construct the reward model registered as ``name`` (built-ins are imported on demand)."""
+    if name not in _FACTORIES and name in _BUILTIN:
+        module, attr = _BUILTIN[name].split(":")
+        _FACTORIES.setdefault(name, getattr(importlib.import_module(module), attr))
+    if name not in _FACTORIES:
+        raise KeyError(f"no reward named {name!r}; available: {available_rewards()}")
+    return _FACTORIES[name](**kwargs)
+
+
+def check_videos(videos: torch.Tensor, prompts: Sequence[str]) -> None:
+    """Raise ValueError unless ``videos`` is [B, T, 3, H, W] floating in [0, 1] with B prompts."""
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"videos must be [B, T, 3, H, W], got shape {tuple(videos.shape)}")
+    if not videos.is_floating_point():
+        raise ValueError(f"videos must be a floating tensor in [0, 1], got {videos.dtype}")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"expected {videos.shape[0]} prompts (one per video), got {len(prompts)}")
+    if videos.numel() and (videos.min() < 0 or videos.max() > 1):
+        raise ValueError(
+            f"videos must lie in [0, 1], got [{videos.min().item():.3f}, {videos.max().item():.3f}]"
+        )
+
+
+def score(
+    reward: RewardModel,
+    videos: torch.Tensor,
+    prompts: Sequence[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Call ``reward`` after checking its inputs, and check that it returned [B] fp32 tensors."""
+    check_videos(videos, prompts)
+    out = reward(videos, prompts, metadata)
+    batch = videos.shape[0]
+    if set(out) != set(reward.names):
+        raise ValueError(f"reward promised components {reward.names}, returned {sorted(out)}")
+    for key, value in out.items():
+        if value.shape != (batch,) or value.dtype != torch.float32:
+            raise ValueError(
+                f"reward component {key!r} must be a [{batch}] float32 tensor, "
+                f"got {tuple(value.shape)} {value.dtype}"
+            )
+        if value.device != videos.device:
+            raise ValueError(
+                f"reward component {key!r} is on {value.device}, videos on {videos.device}"
+            )
+    return out
+
+
+def weighted_sum(
+    components: Mapping[str, torch.Tensor], weights: Mapping[str, float]
+) -> torch.Tensor:
+    """``sum_k weights[k] * components[k]``: [B] fp32. Every weighted name must be present."""
+    missing = sorted(set(weights) - set(components))
+    if missing:
+        raise KeyError(f"weights name components {missing} that the reward did not return")
+    total = None
+    for key, w in weights.items():
+        term = w * components[key].float()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("weights must name at least one component, got none")
+    return total

@@ -1,0 +1,1 @@
+"""The toy world: procedural videos, prompts, pixel rewards and the shipped tiny model."""
