@@ -29,12 +29,15 @@ import torch
 
 from kvpo_kernels import registry
 from kvpo_kernels.checks import check_ids_in_range, check_index_tensor, check_same_device
+from kvpo_kernels.ops import routed_attention_triton
 
 OP = "routed_attention"
 OP_BACKWARD = "routed_attention_backward"
 # The cpp backend has CPU kernels only; on CUDA the triton kernels serve this op.
 registry.op(OP, order={"cuda": ("triton", "torch")})
 registry.op(OP_BACKWARD, order={"cuda": ("triton", "torch")})
+registry.register(OP, "triton")(routed_attention_triton.forward)
+registry.register(OP_BACKWARD, "triton")(routed_attention_triton.backward)
 
 
 def _gather_context(kv_pages: torch.Tensor, page_table: torch.Tensor, ctx_lens: torch.Tensor):

@@ -1,8 +1,8 @@
 """routed_attention on every backend against an fp64 oracle that gathers token by token.
 
 The oracle walks each row's cached tokens in Python (page = page_table[b, t // page_size],
-slot = t % page_size), appends the row's new tokens and runs softmax attention head by head. It
-shares no index math with the kernels. Pools are permuted, pages are shared and aliased across
+slot = t % page_size), appends the row's new tokens and runs softmax attention in fp64 on the
+CPU. It shares no index math with the kernels. Pools are permuted, pages are shared and aliased across
 rows, every slot no row attends is NaN, and page-table entries past a row's pages are garbage.
 """
 
@@ -22,17 +22,21 @@ from tests.oracle import BACKENDS, assert_close_to_oracle
 DTYPES = {
     "torch": (torch.float32, torch.float16, torch.bfloat16),
     "cpp": (torch.float32, torch.float16, torch.bfloat16),
-    "triton": (torch.float32, torch.float16),  # the interpreter's bf16 tl.dot is broken
+    # the interpreter's bf16 tl.dot is broken; on a GPU bf16 is tested too
+    "triton": (torch.float32, torch.float16)
+    + (() if registry.TRITON_INTERPRET else (torch.bfloat16,)),
 }
 BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in DTYPES[b]]
+# the Triton interpreter runs numpy per block: its long case is the "medium" one
+INTERPRETER_SKIPS = {"long, odd head dim"}
+# page-table entries past a row's pages: must never be read
 GARBAGE_PAGE = 10**6
-LONG_TABLE = [
-    int(i) for i in torch.randperm(40, generator=torch.Generator().manual_seed(3))
-]  # page-table entries past a row's pages: must never be read
+LONG_TABLE = [int(i) for i in torch.randperm(40, generator=torch.Generator().manual_seed(3))]
 
 
 def oracle(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale, dtype=torch.float64):
-    """Routed attention by per-token gather, computed entirely in ``dtype``: (out, lse)."""
+    """Routed attention by per-token gather, computed entirely in ``dtype`` on the CPU."""
+    q, k_new, v_new, kv_pages = (t.cpu() for t in (q, k_new, v_new, kv_pages))
     batch, lq, heads, dim = q.shape
     page_size, kv_heads = kv_pages.shape[2], kv_pages.shape[3]
     outs, lses = [], []
@@ -69,6 +73,9 @@ class Case:
     def args(self):
         return self.q, self.k_new, self.v_new, self.kv_pages, self.page_table, self.ctx_lens
 
+    def to(self, device):
+        return Case(*(t.to(device) for t in self.args()))
+
 
 def make_case(tables, ctx_lens, *, lq=5, ln=4, heads=4, kv_heads=2, dim=16, page_size=7,
               num_pages=12, dtype=torch.float32, seed=0):  # fmt: skip
@@ -103,7 +110,18 @@ CASES = {
     "ln=0": lambda **kw: make_case([[4, 1], [1, 8]], [9, 14], ln=0, **kw),
     "b=1 lq=1 mha": lambda **kw: make_case([[3, 0]], [11], lq=1, ln=2, heads=2, kv_heads=2, **kw),
     "empty row, no new tokens": lambda **kw: make_case([[6], []], [4, 0], ln=0, **kw),
-    # several key blocks, query tiles and new-token tiles of the kernels; D not a multiple of 16
+    # several key blocks of the triton kernels (32 tokens); D not a multiple of 16
+    "medium, odd head dim": lambda **kw: make_case(
+        [LONG_TABLE[:6], LONG_TABLE[3:8] + [LONG_TABLE[4]]],
+        [71, 50],
+        lq=40,
+        ln=37,
+        dim=40,
+        page_size=13,
+        num_pages=40,
+        **kw,
+    ),
+    # several key blocks, query tiles and new-token tiles of the C++ kernel (96 tokens, 96 lanes)
     "long, odd head dim": lambda **kw: make_case(
         [LONG_TABLE[:16], LONG_TABLE[8:19] + [LONG_TABLE[9]]],
         [200, 150],
@@ -117,104 +135,110 @@ CASES = {
 }
 
 
-def _skip_unless_implemented(backend):
-    if backend not in registry.op(ra.OP).impls:
-        pytest.skip(f"{backend} backend of routed_attention not built")
+def _skip_unless_usable(backend, device):
+    if backend == "cpp" and device.type != "cpu":
+        pytest.skip("the cpp backend of routed_attention has CPU kernels only")
 
 
-def _run(case, backend, scale=None):
-    out, lse = kvpo_kernels.routed_attention(
-        *case.args(), scale=scale, return_lse=True, backend=backend
-    )
-    return out, lse
-
-
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
-def test_forward_matches_fp64_oracle(backend, dtype, name):
-    _skip_unless_implemented(backend)
-    case = CASES[name](dtype=dtype)
-    scale = 1 / math.sqrt(case.q.shape[-1])
-    out, lse = _run(case, backend)
-    assert out.dtype == dtype and out.shape == case.q.shape
-    assert lse.dtype == torch.float32 and lse.shape == (out.shape[0], out.shape[2], out.shape[1])
-    ref_out, ref_lse = oracle(*case.args(), scale)
-    eager_out, eager_lse = oracle(*case.args(), scale, dtype=dtype)
-    what = f"{backend} {dtype} {name}"
-    assert_close_to_oracle(out, eager_out, ref_out, what=what + " out")
-    assert_close_to_oracle(lse, eager_lse.float(), ref_lse.float(), what=what + " lse")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_rows_give_zero_and_minus_inf(backend):
-    _skip_unless_implemented(backend)
-    case = CASES["empty row, no new tokens"]()
-    out, lse = _run(case, backend)
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
-    assert torch.isneginf(lse[1]).all()
-    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0]).all()
+def _params(names):
+    return [
+        pytest.param(backend, dtype, name, id=f"{backend}-{str(dtype)[6:]}-{name}")
+        for backend, dtype in BACKEND_DTYPES
+        for name in names
+        if not (backend == "triton" and registry.TRITON_INTERPRET and name in INTERPRETER_SKIPS)
+    ]
 
 
 def _grads(case, fn, compute, weights):
     """Gradients of sum(out * w_out) + sum(lse * w_lse) w.r.t. q, k_new, v_new in ``compute``."""
     inputs = [t.detach().to(compute).requires_grad_() for t in case.args()[:3]]
-    out, lse = fn(*inputs, case.kv_pages.to(compute), case.page_table, case.ctx_lens)
+    pool = case.kv_pages.to(compute)
+    out, lse = fn(*inputs, pool, case.page_table, case.ctx_lens)
     lse = lse.masked_fill(torch.isinf(lse), 0.0)  # empty rows: no gradient from -inf
     w_out, w_lse = weights
-    loss = (out.to(compute) * w_out.to(compute)).sum() + (lse * w_lse.to(lse.dtype)).sum()
-    return torch.autograd.grad(loss, inputs)
+    w_out, w_lse = w_out.to(out.device, compute), w_lse.to(lse.device, lse.dtype)
+    loss = (out.to(compute) * w_out).sum() + (lse * w_lse).sum()
+    return [g.cpu() for g in torch.autograd.grad(loss, inputs)]
 
 
-@pytest.mark.parametrize("name", ["shared+aliased+empty+gqa", "b=1 lq=1 mha", "long, odd head dim"])
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
-def test_gradients_match_fp64_oracle(backend, dtype, name):
-    _skip_unless_implemented(backend)
-    case = CASES[name](dtype=dtype)
+def check_against_oracle(case, backend, device, what, *, scale=None, gradients=True):
+    """out, lse and (optionally) the gradients of q, k_new, v_new on ``backend`` and ``device``
+    are within 2x of eager PyTorch's error in the case's dtype, against the fp64 oracle."""
+    dtype = case.q.dtype
+    on_device, case = case.to(device), case.to("cpu")
+    scale_value = 1 / math.sqrt(case.q.shape[-1]) if scale is None else scale
+
+    def kernel(*args):
+        return kvpo_kernels.routed_attention(*args, scale=scale, return_lse=True, backend=backend)
+
+    def reference(*args, dtype=torch.float64):
+        return oracle(*args, scale_value, dtype=dtype)
+
+    out, lse = (t.cpu() for t in kernel(*on_device.args()))
     batch, lq, heads, _ = case.q.shape
+    assert out.dtype == dtype and out.shape == case.q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (batch, heads, lq)
+    ref_out, ref_lse = reference(*case.args())
+    eager_out, eager_lse = reference(*case.args(), dtype=dtype)
+    assert_close_to_oracle(out, eager_out, ref_out, what=f"{what} out")
+    assert_close_to_oracle(lse, eager_lse.float(), ref_lse.float(), what=f"{what} lse")
+    if not gradients:
+        return
     gen = torch.Generator().manual_seed(1)
     weights = (
         torch.randn(case.q.shape, generator=gen),
         torch.randn(batch, heads, lq, generator=gen),
     )
-    scale = 0.3
-
-    def kernel(*args):
-        return kvpo_kernels.routed_attention(*args, scale=scale, return_lse=True, backend=backend)
-
-    got = _grads(case, kernel, dtype, weights)
-    ref = _grads(case, lambda *a: oracle(*a, scale), torch.float64, weights)
-    eager = _grads(case, lambda *a: oracle(*a, scale, dtype=dtype), dtype, weights)
+    got = _grads(on_device, kernel, dtype, weights)
+    ref = _grads(case, reference, torch.float64, weights)
+    eager = _grads(case, lambda *a: reference(*a, dtype=dtype), dtype, weights)
     for label, g, r, e in zip(("dq", "dk_new", "dv_new"), got, ref, eager):
         assert g.dtype == dtype
-        assert_close_to_oracle(g, e, r, what=f"{backend} {dtype} {name} {label}")
+        assert_close_to_oracle(g, e, r, what=f"{what} {label}")
+
+
+@pytest.mark.parametrize("backend,dtype,name", _params(CASES))
+def test_forward_matches_fp64_oracle(backend, dtype, name, device):
+    _skip_unless_usable(backend, device)
+    case = CASES[name](dtype=dtype)
+    check_against_oracle(case, backend, device, f"{backend} {dtype} {name}", gradients=False)
+
+
+GRADIENT_CASES = ["shared+aliased+empty+gqa", "b=1 lq=1 mha", "medium, odd head dim",
+                  "long, odd head dim"]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,dtype,name", _params(GRADIENT_CASES))
+def test_gradients_match_fp64_oracle(backend, dtype, name, device):
+    _skip_unless_usable(backend, device)
+    case = CASES[name](dtype=dtype)
+    check_against_oracle(case, backend, device, f"{backend} {dtype} {name}", scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows_give_zero_and_minus_inf(backend, device):
+    _skip_unless_usable(backend, device)
+    case = CASES["empty row, no new tokens"]().to(device)
+    out, lse = kvpo_kernels.routed_attention(*case.args(), return_lse=True, backend=backend)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isneginf(lse[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_portable_path_matches_fp64_oracle(monkeypatch, dtype):
     # the C++ kernel's instruction set is chosen per call; force the portable C++ tiles
     monkeypatch.setenv("KVPO_CPU_ISA", "generic")
-    _skip_unless_implemented("cpp")
     case = CASES["long, odd head dim"](dtype=dtype)
-    batch, lq, heads, _ = case.q.shape
-    gen = torch.Generator().manual_seed(1)
-    weights = (
-        torch.randn(case.q.shape, generator=gen),
-        torch.randn(batch, heads, lq, generator=gen),
-    )
+    check_against_oracle(case, "cpp", torch.device("cpu"), f"generic {dtype}")
 
-    def kernel(*args):
-        return kvpo_kernels.routed_attention(*args, return_lse=True, backend="cpp")
 
-    scale = 1 / math.sqrt(case.q.shape[-1])
-    out, lse = kernel(*case.args())
-    ref_out, ref_lse = oracle(*case.args(), scale)
-    eager_out, _ = oracle(*case.args(), scale, dtype=dtype)
-    assert_close_to_oracle(out, eager_out, ref_out, what="generic out")
-    got = _grads(case, kernel, dtype, weights)
-    ref = _grads(case, lambda *a: oracle(*a, scale), torch.float64, weights)
-    eager = _grads(case, lambda *a: oracle(*a, scale, dtype=dtype), dtype, weights)
-    for label, g, r, e in zip(("dq", "dk_new", "dv_new"), got, ref, eager):
-        assert_close_to_oracle(g, e, r, what=f"generic {dtype} {label}")
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_common_head_dims(backend, dim, device):
+    _skip_unless_usable(backend, device)
+    case = make_case([[3, 0], [0]], [11, 6], lq=9, ln=3, heads=2, kv_heads=1, dim=dim)
+    check_against_oracle(case, backend, device, f"{backend} D={dim}")
 
 
 def test_pool_that_requires_grad_is_rejected():
@@ -254,26 +278,21 @@ def test_bad_arguments_are_rejected(mutate, err, match):
         kvpo_kernels.routed_attention(*case.args(), backend="torch")
 
 
-def test_layer_view_of_a_multi_layer_pool():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_view_of_a_multi_layer_pool(backend, device):
     # a layer of a [P, L, 2, ps, H, D] pool: pages contiguous, page stride = L pages
+    _skip_unless_usable(backend, device)
     case = CASES["shared+aliased+empty+gqa"]()
     pools = torch.stack([torch.full_like(case.kv_pages, float("nan")), case.kv_pages], dim=1)
-    layer = pools[:, 1]
-    assert not layer.is_contiguous()
-    scale = 1 / math.sqrt(case.q.shape[-1])
-    ref, _ = oracle(*case.args(), scale)
-    eager, _ = oracle(*case.args(), scale, dtype=torch.float32)
-    for backend in registry.op(ra.OP).impls:
-        out = kvpo_kernels.routed_attention(
-            *case.args()[:3], layer, *case.args()[4:], backend=backend
-        )
-        assert_close_to_oracle(out, eager, ref, what=backend)
+    case.kv_pages = pools[:, 1]
+    assert not case.kv_pages.is_contiguous()
+    check_against_oracle(case, backend, device, f"{backend} layer view", gradients=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    _skip_unless_implemented(backend)
-    case = CASES["shared+aliased+empty+gqa"](lq=3, ln=2)
+def test_opcheck(backend, device):
+    _skip_unless_usable(backend, device)
+    case = CASES["shared+aliased+empty+gqa"](lq=3, ln=2).to(device)
     q, k_new, v_new = (t.requires_grad_() for t in case.args()[:3])
     args = (q, k_new, v_new, *case.args()[3:], 0.25, backend)
     torch.library.opcheck(ra._forward_op, args)
@@ -285,8 +304,8 @@ def test_opcheck(backend):
     )  # fmt: skip
 
 
-def test_torch_compile_traces_a_caller():
-    case = CASES["shared+aliased+empty+gqa"]()
+def test_torch_compile_traces_a_caller(device):
+    case = CASES["shared+aliased+empty+gqa"]().to(device)
 
     def block(q, k_new, v_new, kv_pages, page_table, ctx_lens):
         out, lse = kvpo_kernels.routed_attention(
