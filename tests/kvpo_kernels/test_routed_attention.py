@@ -2,8 +2,9 @@
 
 The oracle walks each row's cached tokens in Python (page = page_table[b, t // page_size],
 slot = t % page_size), appends the row's new tokens and runs softmax attention in fp64 on the
-CPU. It shares no index math with the kernels. Pools are permuted, pages are shared and aliased across
-rows, every slot no row attends is NaN, and page-table entries past a row's pages are garbage.
+CPU. It shares no index math with the kernels. Pools are permuted, pages are shared and aliased
+across rows, every slot no row attends is NaN, and page-table entries past a row's pages are
+garbage.
 """
 
 from __future__ import annotations
