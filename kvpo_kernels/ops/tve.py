@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvpo_kernels import registry
+from kvpo_kernels import extension, registry
 from kvpo_kernels.checks import check_same_device
 from kvpo_kernels.ops import tve_triton
 
@@ -104,22 +104,37 @@ def _item_sq_sum_backward_torch(
     return [grad, -grad] if with_target else [grad]
 
 
-# --- triton backend -------------------------------------------------------------------------
+# --- kernel backends (triton, cpp): they take [G, K, A, B, C] item views ---------------------
 
 
-@registry.register(OP, "triton")
-def _item_sq_sum_triton(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p, t = item_views(pred, target)
-    return tve_triton.item_sq_sum(p, t, accumulation_dtype(pred.dtype))
+def _register_kernels(backend: str, forward, backward) -> None:
+    """``forward(p, t) -> [G, K]``, ``backward(coef, p, t, with_target) -> [[G, K, N], ...]``."""
+
+    def item_sq_sum(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return forward(*item_views(pred, target))
+
+    def item_sq_sum_backward(coef, pred, target, with_target):
+        grads = backward(coef, *item_views(pred, target), with_target)
+        return [g.view(pred.shape) for g in grads]
+
+    registry.register(OP, backend)(item_sq_sum)
+    registry.register(BACKWARD_OP, backend)(item_sq_sum_backward)
 
 
-@registry.register(BACKWARD_OP, "triton")
-def _item_sq_sum_backward_triton(
-    coef: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, with_target: bool
-) -> list[torch.Tensor]:
-    p, t = item_views(pred, target)
-    grads = tve_triton.item_sq_sum_backward(coef, p, t, with_target)
-    return [g.view(pred.shape) for g in grads]
+_register_kernels("triton", tve_triton.item_sq_sum, tve_triton.item_sq_sum_backward)
+
+
+def _cpp_forward(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    extension.module()  # loads kvpo_kernels._C, which registers torch.ops.kvpo_C
+    return torch.ops.kvpo_C.tve_item_sq_sum(p, t)
+
+
+def _cpp_backward(coef, p, t, with_target):
+    extension.module()
+    return torch.ops.kvpo_C.tve_item_sq_sum_backward(coef, p, t, with_target)
+
+
+_register_kernels("cpp", _cpp_forward, _cpp_backward)
 
 
 # --- custom ops: schema, fake tensors, autograd ---------------------------------------------
@@ -156,7 +171,7 @@ def _item_sq_sum_backward_op(
 @_item_sq_sum_backward_op.register_fake
 def _(coef, pred, target, with_target, backend):
     count = 2 if with_target else 1
-    return [pred.new_empty(pred.shape, memory_format=torch.contiguous_format)] * count
+    return [torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) for _ in range(count)]
 
 
 def _setup_context(ctx, inputs, output):

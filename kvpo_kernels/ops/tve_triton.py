@@ -49,7 +49,7 @@ def _sq_sum_partials_kernel(
     # partials[w] = sum over the chunk of (p - t)^2, accumulated in ACC
     w, item, chunk, p_item, t_item = _item_bases(p, t, n_chunks, items_k, psg, psk, tsg, tsk)
     acc = tl.zeros([BLOCK], dtype=ACC)
-    for off in range(0, CHUNK, BLOCK):
+    for off in range(0, tl.minimum(CHUNK, numel - chunk * CHUNK), BLOCK):
         i = chunk * CHUNK + off + tl.arange(0, BLOCK)
         mask = i < numel
         po = _element_offsets(i, psa, psb, psc, size_b, size_c, CONTIG)
@@ -82,7 +82,7 @@ def _backward_kernel(
     # grad_p[item, i] = (p - t) * (2 coef[item]) rounded once; grad_t = -grad_p
     w, item, chunk, p_item, t_item = _item_bases(p, t, n_chunks, items_k, psg, psk, tsg, tsk)
     scale = 2 * tl.load(coef + item)
-    for off in range(0, CHUNK, BLOCK):
+    for off in range(0, tl.minimum(CHUNK, numel - chunk * CHUNK), BLOCK):
         i = chunk * CHUNK + off + tl.arange(0, BLOCK)
         mask = i < numel
         po = _element_offsets(i, psa, psb, psc, size_b, size_c, CONTIG)
@@ -104,8 +104,9 @@ def _launch_args(p: torch.Tensor, t: torch.Tensor):
     return groups * items_k * n_chunks, n_chunks, contig, args
 
 
-def item_sq_sum(p: torch.Tensor, t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``[G, K, A, B, C]`` views -> ``[G, K]`` (``acc`` dtype) sums of ``(p - t)^2``."""
+def item_sq_sum(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``[G, K, A, B, C]`` views -> ``[G, K]`` sums of ``(p - t)^2`` (fp32; fp64 for fp64)."""
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
     work, n_chunks, contig, args = _launch_args(p, t)
     partials = torch.empty(work, dtype=acc, device=p.device)
     out = torch.empty(p.shape[:2], dtype=acc, device=p.device)
