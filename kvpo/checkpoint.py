@@ -195,3 +195,28 @@ def load_checkpoint(path: str | Path) -> TrainingState:
         rng=rng,
         extra=meta["extra"],
     )
+
+
+def export_adapter(model, directory: str | Path, adapter: str = "default") -> Path:
+    """Write ``adapter`` of ``model`` in peft's format (``adapter_config.json`` +
+    ``adapter_model.safetensors``), loadable with ``peft.PeftModel.from_pretrained(
+    WanTransformer3DModel(...), directory)``; replaced atomically."""
+    from kvpo.models.lora import lora_state_dict
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    weights = {
+        f"base_model.model.{k}": v.contiguous().cpu()
+        for k, v in lora_state_dict(model, adapter).items()
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.transformer.peft_config[adapter].save_pretrained(str(tmp))
+        save_file(weights, str(tmp / "adapter_model.safetensors"))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return directory

@@ -48,9 +48,9 @@ def _copy(value):
 class ModelKwargs:
     """Cache geometry of the causal model (LongLive's ``model_kwargs``)."""
 
-    local_attn_size: int = _f(12, "frames a block attends to, sink and current block included")
+    local_attn_size: int = _f(9, "frames a block attends to, sink and current block included")
     sink_size: int = _f(3, "first frames kept in the cache forever (the attention sink)")
-    timestep_shift: float = _f(5.0, "flow-matching time shift of the sampler's schedule")
+    timestep_shift: float = _f(1.0, "flow-matching time shift of the sampler's schedule")
 
 
 @dataclass
@@ -99,21 +99,21 @@ class TrainConfig:
     context_noise: int = _f(0, "timestep of the context pass that writes a block's K/V")
     model_kwargs: ModelKwargs = _f(ModelKwargs(), "cache geometry (see model_kwargs.*)")
     slice_last_frames: int = _f(
-        21, "resident cache = local_attn_size + slice_last_frames frames (older frames to route)"
+        15, "resident cache = local_attn_size + slice_last_frames frames (older frames to route)"
     )
     # video layout and prompts
-    streaming_max_length: int = _f(147, "latent frames per training video", "video and prompts")
-    streaming_chunk_size: int = _f(21, "frames of the first streaming chunk")
-    streaming_min_new_frame: int = _f(18, "frames of every later chunk")
+    streaming_max_length: int = _f(24, "latent frames per training video", "video and prompts")
+    streaming_chunk_size: int = _f(9, "frames of the first streaming chunk")
+    streaming_min_new_frame: int = _f(6, "frames of every later chunk")
     switch_frame_indices: str = _f(
-        "39, 75, 111", "frames where the next prompt segment starts (comma separated)"
+        "9, 15", "frames where the next prompt segment starts (comma separated)"
     )
     data_path: str | None = _f(None, "training prompt file (.txt or .jsonl); empty = toy prompts")
     eval_data_path: str | None = _f(None, "held-out prompt file; empty = toy held-out prompts")
     # exploration
     K: int = _f(8, "G: routed branches per group (plus one unrouted anchor)", "exploration (CHR)")
     m_nearest_frames: int = _f(4, "nearest frames kept in every routed context (block included)")
-    perturb_num_blocks: int = _f(5, "P: consecutive routed blocks")
+    perturb_num_blocks: int = _f(2, "P: consecutive routed blocks")
     perturb_within_first_x_chunks: int = _f(7, "the routed window starts in these first chunks")
     routing_mode: str = _f(
         "dispersed", "'dispersed' (slices of one permutation, reference) or 'independent'"

@@ -19,7 +19,7 @@ def test_defaults_and_precedence(tmp_path):
     cfg = load_config(path, ["K=6", "adapter.alpha=32", "data_path=none"])
     assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
     assert cfg.K == 6 and cfg.adapter.rank == 8 and cfg.adapter.alpha == 32.0
-    assert cfg.model_kwargs.sink_size == 2 and cfg.model_kwargs.local_attn_size == 12
+    assert cfg.model_kwargs.sink_size == 2 and cfg.model_kwargs.local_attn_size == 9
     assert cfg.data_path is None
     assert TrainConfig().K == 8  # defaults are not mutated by a load
 
@@ -107,11 +107,11 @@ def test_validate_reports_every_problem_before_work(tmp_path):
 
 
 def test_validate_routing_that_cannot_fit():
-    # a 13-frame resident cache cannot hold 5 routable frames older than the window
+    # a 10-frame resident cache holds no routable frame older than the window
     text = _problems(None, ["slice_last_frames=1"])
-    assert "routing cannot fit the resident cache" in text and "n_random=5" in text
-    assert "n_random = local_attn_size - sink_size - m_nearest_frames = 12 - 3 - 9 = 0" in (
-        _problems(None, ["m_nearest_frames=9"])
+    assert "routing cannot fit the resident cache" in text and "n_random=2" in text
+    assert "n_random = local_attn_size - sink_size - m_nearest_frames = 9 - 3 - 6 = 0" in (
+        _problems(None, ["m_nearest_frames=6"])
     )
     assert "switch_frame_indices [40] must be increasing block starts" in _problems(
         None, ["switch_frame_indices=40"]
@@ -126,7 +126,7 @@ def test_validate_routing_that_cannot_fit():
         ("p.jsonl", '{"prompt": ["a"]}\n', 'expected an object with a "prompts" list'),
         ("p.jsonl", '{"prompts": "a"}\n', '"prompts" must be a list of strings'),
         ("p.txt", "a | | b\n", "p.txt:1: empty prompt segment"),
-        ("p.txt", "a | b | c | d | e\n", "5 segments, but the video has only 4"),
+        ("p.txt", "a | b | c | d\n", "4 segments, but the video has only 3"),
         ("p.txt", "# only a comment\n", "holds no prompts"),
     ],
 )

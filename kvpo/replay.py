@@ -1,0 +1,123 @@
+"""Replay (method.md section 3): branch energies under the unrouted, deployment-time context.
+
+Each branch ``g`` is replayed from the fork snapshot with the *default* sink + window view (no
+routing): the policy being scored predicts ``v_theta(z[g, b, s], t_s)`` at the recorded inputs;
+between blocks the replay cache advances by a no-grad context pass on the replayed prediction
+``x0 = z[g, b, S-1] - sigma_{S-1} v_theta`` (prompt switches inside the replayed blocks are
+re-encoded from the replayed frames). The energy
+
+    E(g) = sum_{b, s} w_s * mean((v_theta(z[g, b, s]) - u[g, b, s])^2)
+
+is computed by ``kvpo_kernels.tve_energy`` in two calls: the first ``grad_steps`` steps of every
+block with the autograd graph, the rest without. Branches are batched: all of ``branches`` run
+as one batch of forked rows (no K/V copied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvpo.models import FlowSchedule, FrameCache, TextContext, recache
+from kvpo.rollout import GroupRollout, segment_text
+from kvpo_kernels import tve_energy
+
+
+def step_weights(schedule: FlowSchedule, kind: str) -> torch.Tensor:
+    """``w_s``: ``sigma_s^2`` (``"sigma2"``: the x0-MSE form of the reference code) or 1."""
+    sigmas = schedule.sigmas().float()
+    if kind == "sigma2":
+        return sigmas**2
+    if kind == "uniform":
+        return torch.ones_like(sigmas)
+    raise ValueError(f"tve_step_weight must be 'sigma2' or 'uniform', got {kind!r}")
+
+
+def replay_energies(
+    model,
+    cache: FrameCache,
+    rollout: GroupRollout,
+    texts: Sequence[TextContext],
+    switches: Sequence[int],
+    schedule: FlowSchedule,
+    weights: torch.Tensor,
+    *,
+    branches: Sequence[int],
+    grad_steps: int,
+    context_timestep: float = 0.0,
+) -> torch.Tensor:
+    """Energies ``E [len(branches)]`` fp32 of the current weights of ``model``.
+
+    The first ``grad_steps`` steps of each block carry gradient when grad mode is enabled. Two
+    passes: the first (no grad) runs the other steps and the context passes, pinning each block's
+    cache view (a fork, no copy); the second runs the grad-carrying steps on the pinned views, so
+    no cache write happens between a grad forward and its backward (the attention saves the
+    page pool). Call ``backward`` before the cache is written again. ``weights: [S]`` the ``w_s``.
+    """
+    branches = list(branches)
+    S = schedule.num_steps
+    sigmas = [float(x) for x in schedule.sigmas()]
+    F = cache.policy.frames_per_block
+    grad = torch.is_grad_enabled() and grad_steps > 0
+    rows = cache.fork(rollout.snapshot, len(branches))
+    index = torch.tensor(branches, device=rollout.z.device)
+    z_all, u_all = rollout.z.index_select(0, index), rollout.u.index_select(0, index)
+    prefix = rollout.prefix.expand(len(branches), *rollout.prefix.shape[1:])
+    starts = rollout.policy_starts
+    replayed: list[torch.Tensor] = []
+    preds: dict[tuple[int, int], torch.Tensor] = {}
+    pins: list[list[int]] = []
+
+    def predict(b: int, s: int, view) -> torch.Tensor:
+        text = segment_text(texts, switches, starts[b])
+        return model(z_all[:, b * S + s], sigmas[s] * 1000.0, text, starts[b], view)
+
+    try:
+        for b, start in enumerate(starts):
+            text = segment_text(texts, switches, start)
+            if b > 0 and start in switches:
+                past = torch.cat([prefix, *replayed], dim=2)
+                recache(model, cache, rows, past, text, start, context_timestep)
+            if grad:
+                pins.append([cache.snapshot(r) for r in rows])
+            view = cache.view(rows, start, F)
+            with torch.no_grad():
+                for s in range(grad_steps if grad else 0, S):
+                    preds[b, s] = predict(b, s, view)
+                last = preds[b, S - 1] if (b, S - 1) in preds else predict(b, S - 1, view)
+            if b + 1 < len(starts):
+                x0 = z_all[:, b * S + S - 1] - sigmas[S - 1] * last
+                with torch.no_grad():
+                    write = cache.view(rows, start, F, write=True)
+                    model.write_context(x0, text, start, write, timestep=context_timestep)
+                replayed.append(x0)
+        for b, pinned in enumerate(pins):
+            view = cache.view(pinned, starts[b], F)
+            for s in range(grad_steps):
+                preds[b, s] = predict(b, s, view)
+    finally:
+        cache.free(rows)
+        for pinned in pins:
+            cache.free(pinned)
+    ordered = [
+        [preds[b, s] for b in range(len(starts)) for s in range(S) if s < grad_steps],
+        [preds[b, s] for b in range(len(starts)) for s in range(S) if s >= grad_steps],
+    ]
+    return _energy(*ordered, u_all, weights, S, grad_steps)
+
+
+def _energy(grad_preds, rest_preds, u_all, weights, S, grad_steps) -> torch.Tensor:
+    """Sum of the two ``tve_energy`` calls over items ordered ``k = block * S + step``."""
+    blocks = u_all.shape[1] // S
+    steps = torch.arange(S)
+    total = torch.zeros(u_all.shape[0], dtype=torch.float32, device=u_all.device)
+    for preds, chosen in ((grad_preds, steps[:grad_steps]), (rest_preds, steps[grad_steps:])):
+        if not preds:
+            continue
+        items = torch.cat([b * S + chosen for b in range(blocks)])
+        pred = torch.stack(preds, dim=1)
+        target = u_all.index_select(1, items.to(u_all.device))
+        w = weights[chosen].repeat(blocks).to(pred.device)
+        total = total + tve_energy(pred, target, w)
+    return total

@@ -1,0 +1,60 @@
+"""A trainer's resumable state <-> :class:`~kvpo.checkpoint.TrainingState`.
+
+Saved: the policy adapter (``"default"``), the old-policy adapter (``"old"``), the EMA, AdamW and
+the LR schedule, the step counters and reward history, and rank 0's global RNG states. Every
+random draw of a step (routing plan, prompts, noise) is seeded by ``(seed, step, rank)``, so a
+resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from kvpo.checkpoint import TrainingState, load_checkpoint, restore_rng, save_checkpoint
+from kvpo.models.lora import lora_parameters
+
+
+def _named(trainer, adapter: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in lora_parameters(trainer.model, adapter).items()}
+
+
+def save_state(trainer, run_dir: str | Path, rng: dict, write: bool = True) -> Path | None:
+    """Checkpoint ``trainer`` under ``run_dir`` (only where ``write``: rank 0)."""
+    if not write:
+        return None
+    state = TrainingState(
+        step=trainer.counters.step,
+        policy=_named(trainer, "default"),
+        old_policy=_named(trainer, "old"),
+        ema=dict(trainer.ema.shadow) if trainer.ema is not None else None,
+        optimizer=trainer.optimizer.state_dict(),
+        scheduler=trainer.scheduler.state_dict(),
+        rng=rng,
+        extra={"counters": dataclasses.asdict(trainer.counters)},
+    )
+    return save_checkpoint(run_dir, state)
+
+
+def load_state(trainer, path: str | Path) -> None:
+    """Restore ``trainer`` from the checkpoint at ``path`` (run dir or checkpoint dir)."""
+    state = load_checkpoint(path)
+    for adapter, weights in (("default", state.policy), ("old", state.old_policy)):
+        params = lora_parameters(trainer.model, adapter)
+        if set(params) != set(weights):
+            raise ValueError(
+                f"checkpoint adapter {adapter!r} does not fit the model: "
+                f"{sorted(set(weights) ^ set(params))[:6]} differ (same adapter.* settings?)"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+    if trainer.ema is not None and state.ema is not None:
+        trainer.ema.shadow = {k: v.to(trainer.device) for k, v in state.ema.items()}
+    trainer.optimizer.load_state_dict(state.optimizer)
+    trainer.scheduler.load_state_dict(state.scheduler)
+    for key, value in state.extra["counters"].items():
+        setattr(trainer.counters, key, value)
+    restore_rng(state.rng)

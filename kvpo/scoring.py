@@ -1,0 +1,105 @@
+"""Rewards of generated videos: the local (forked chunk) and global (per-segment clips) signals.
+
+method.md section 4: the **local** reward scores the chunk the group forked in; the **global**
+reward scores the whole video as one clip per prompt segment, each with its own prompt (centred
+in its segment, ``clip_len`` frames, or the whole segment when ``clip_len`` is 0), averaged over
+the clips. A clip that spans prompt switches (possible for the local chunk) is scored with its
+segments' prompts joined by ``", then "`` and ``metadata["segment_starts"]`` (clip-relative).
+
+Reward models follow :mod:`kvpo.rewards`: ``(videos [B, T, 3, H, W] in [0, 1], prompts,
+metadata) -> {name: [B] fp32}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+RewardFn = Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """Frames of a video and where its prompt segments start (``switches``: frames > 0)."""
+
+    num_frames: int
+    switches: tuple[int, ...] = ()
+
+    def segment_of(self, frame: int) -> int:
+        return sum(1 for s in self.switches if s <= frame)
+
+    def segments(self, num_prompts: int) -> list[tuple[int, int]]:
+        """``[lo, hi)`` frames of each of the first ``num_prompts`` segments (the last one runs
+        to the end of the video)."""
+        bounds = [0, *self.switches[: num_prompts - 1], self.num_frames]
+        return list(zip(bounds, bounds[1:]))
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Frames ``[lo, hi)`` scored with ``prompt``; ``starts``: clip-relative segment starts."""
+
+    lo: int
+    hi: int
+    prompt: str
+    starts: tuple[int, ...] = (0,)
+
+
+def clip_for(layout: VideoLayout, prompts: Sequence[str], lo: int, hi: int) -> Clip:
+    """The clip ``[lo, hi)`` with the prompts of the segments it covers."""
+    first, last = layout.segment_of(lo), layout.segment_of(hi - 1)
+    last = min(last, len(prompts) - 1)
+    first = min(first, last)
+    texts = list(prompts[first : last + 1])
+    starts = [0] + [s - lo for s in layout.switches[first:last]]
+    return Clip(lo, hi, ", then ".join(texts), tuple(starts))
+
+
+def global_clips(layout: VideoLayout, prompts: Sequence[str], clip_len: int = 0) -> list[Clip]:
+    """One clip per prompt segment, centred in it (the whole segment when ``clip_len`` is 0)."""
+    clips = []
+    for k, (lo, hi) in enumerate(layout.segments(len(prompts))):
+        if clip_len > 0:
+            centre = (lo + hi) // 2
+            lo = max(0, min(centre - clip_len // 2, layout.num_frames - clip_len))
+            hi = min(layout.num_frames, lo + clip_len)
+        clips.append(Clip(lo, hi, prompts[k]))
+    return clips
+
+
+def score_clips(
+    reward: RewardFn,
+    videos: torch.Tensor,
+    clips: Sequence[Sequence[Clip]],
+    batch_size: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Mean over each video's clips of every reward component.
+
+    ``videos [B, T, 3, H, W]``; ``clips[b]``: video ``b``'s clips, the same frame ranges for
+    every video (prompts may differ). Scored in batches of ``batch_size`` videos (0: all).
+    Returns ``{name: [B] fp32}``.
+    """
+    B = videos.shape[0]
+    if len(clips) != B or len({len(c) for c in clips}) != 1:
+        raise ValueError(f"need one equally long clip list per video ({B}), got {len(clips)}")
+    step = batch_size or B
+    total: dict[str, torch.Tensor] = {}
+    for j, clip in enumerate(clips[0]):
+        if any((c[j].lo, c[j].hi) != (clip.lo, clip.hi) for c in clips):
+            raise ValueError(f"clip {j} covers different frames in different videos")
+        pieces = []
+        for b0 in range(0, B, step):
+            rows = range(b0, min(b0 + step, B))
+            pieces.append(
+                reward(
+                    videos[b0 : rows.stop, clip.lo : clip.hi],
+                    [clips[b][j].prompt for b in rows],
+                    {"segment_starts": [list(clips[b][j].starts) for b in rows]},
+                )
+            )
+        for name in pieces[0]:
+            value = torch.cat([p[name].float().reshape(-1) for p in pieces])
+            total[name] = total.get(name, 0) + value / len(clips[0])
+    return total
