@@ -26,6 +26,10 @@ S denoising steps; the model's dtype is that of its weights)::
   diffusers' ``WanTransformer3DModel`` on a single block).
 - ``plans``: per row, the cached frames to attend in attention order (sink ++ routed ++ nearest
   for KVPO); they must be resident. Default: sink + newest (``local_attn_size`` incl. the block).
+- Loading: ``loading.load_model(dir | file | state_dict, config)`` (diffusers directories, original
+  Wan / Self-Forcing / LongLive / MemFlow checkpoints); LoRA: ``lora.add_lora``, ``freeze_copy``
+  (old policy), ``active_adapter``, ``adapters_disabled`` (reference), ``import_lora``
+  (LongLive / MemFlow adapters); local-only umT5 / VAE wrappers in ``encoders``.
 - Keys are cached after RoPE at absolute frame positions; frames older than the residency window
   are evicted when the next view is built.
 """

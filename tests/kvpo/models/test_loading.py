@@ -140,3 +140,11 @@ def test_mismatches_name_every_offending_key():
     assert "proj_out.weight: checkpoint (5, 64), model (48, 64)" in str(err.value)
     with pytest.raises(KeyError, match="expected tensors or one of"):
         load_model({"optimizer": {"x": 1}}, small_config())
+
+
+def test_encoders_load_local_paths_only(tmp_path):
+    from kvpo.models.encoders import WanTextEncoder, WanVAE
+
+    for wrapper in (WanTextEncoder, WanVAE):
+        with pytest.raises(FileNotFoundError, match="local paths only"):
+            wrapper(tmp_path / "missing")

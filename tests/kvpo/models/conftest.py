@@ -1,0 +1,13 @@
+"""The model tests use tiny matrices: one intra-op thread is faster than two (and far faster on a
+shared, oversubscribed machine); the previous setting is restored after each test."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
