@@ -32,12 +32,18 @@ from kvpo.models.config import WanConfig
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """Sizes of the cache, in latent frames (LongLive's defaults)."""
+    """Sizes of the cache, in latent frames (LongLive's defaults).
+
+    ``recache_size``: frames re-encoded at a prompt switch: None = ``local_attn_size`` (LongLive;
+    every frame with global attention), -1 = every frame before the switch, else that many (the
+    KVPO code's ``recache_full_kv_cache_after_switch`` uses ``resident_frames``).
+    """
 
     sink_size: int = 3
     local_attn_size: int = 12
     resident_frames: int = 33
     frames_per_block: int = 3
+    recache_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.frames_per_block < 1 or self.sink_size < 0:
@@ -50,6 +56,8 @@ class CachePolicy:
                 f"local_attn_size={self.local_attn_size} must be -1 (global) or at least "
                 f"frames_per_block={self.frames_per_block}"
             )
+        if self.recache_size is not None and self.recache_size < 1 and self.recache_size != -1:
+            raise ValueError(f"recache_size must be None, -1 or >= 1, got {self.recache_size}")
         if self.resident_frames != -1:
             need = max(self.local_attn_size, self.sink_size + self.frames_per_block)
             if self.local_attn_size == -1 or self.resident_frames < need:
@@ -77,11 +85,11 @@ class CachePolicy:
         return sink + list(range(lo, start_frame))
 
     def recache_frames(self, switch_frame: int) -> range:
-        """Frames re-encoded with the new prompt at a switch (LongLive: the last
-        ``local_attn_size`` frames, or all with global attention)."""
-        if self.local_attn_size == -1:
+        """Frames re-encoded with the new prompt at a switch: the last ``recache_size``."""
+        size = self.local_attn_size if self.recache_size is None else self.recache_size
+        if size == -1:
             return range(0, switch_frame)
-        return range(max(0, switch_frame - self.local_attn_size), switch_frame)
+        return range(max(0, switch_frame - size), switch_frame)
 
 
 @dataclass

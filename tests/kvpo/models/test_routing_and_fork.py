@@ -1,5 +1,6 @@
 """Routing plans, batching of rows, forks and the prompt-switch recache on the frame cache."""
 
+import pytest
 import torch
 
 from kvpo.models import CachePolicy, FrameCache, generate, recache
@@ -177,3 +178,18 @@ def test_recache_equals_reencoding_the_window_from_scratch():
         )  # fmt: skip
     torch.testing.assert_close(both.latents[:, :, switch:], after.latents, **TOL)
     assert cache.frames(row) == list(range(12))  # resident_frames = 12 keeps every frame
+
+
+def test_policy_windows_residency_and_recache_ranges():
+    p = CachePolicy()  # LongLive: sink 3, 12 attended (current 3 included), 33 resident
+    assert p.window(0, 3) == []
+    assert p.window(6, 3) == [0, 1, 2, 3, 4, 5]
+    assert p.window(30, 3) == [0, 1, 2, 24, 25, 26, 27, 28, 29]
+    assert p.resident_start(30, 3) == 3 and p.resident_start(60, 3) == 33
+    assert p.recache_frames(30) == range(18, 30) and p.recache_frames(6) == range(0, 6)
+    assert CachePolicy(recache_size=33).recache_frames(60) == range(27, 60)
+    assert CachePolicy(recache_size=-1).recache_frames(60) == range(0, 60)
+    for bad in (dict(local_attn_size=2), dict(resident_frames=8), dict(recache_size=0),
+                dict(local_attn_size=-1)):  # fmt: skip
+        with pytest.raises(ValueError):
+            CachePolicy(**bad)
