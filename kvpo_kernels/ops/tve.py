@@ -20,6 +20,7 @@ second call records no autograd graph because none of its inputs requires grad.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -65,6 +66,9 @@ def item_views(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     order of an item is row-major over ``S`` in both, so a contiguous ``[G, K, *S]`` gradient and
     the views index the same element by the same linear position.
     """
+    if pred.is_contiguous() and target.is_contiguous():
+        shape = (*pred.shape[:2], 1, 1, math.prod(pred.shape[2:]))
+        return pred.view(shape), target.view(shape)
     sizes = pred.shape[2:]
     operands = [pred, target]
     merged = _coalesce(sizes, [t.stride()[2:] for t in operands])
@@ -83,7 +87,7 @@ def item_views(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
 # --- torch backend (the reference) ----------------------------------------------------------
 
 
-def _grad_scale_shape(c: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+def _twice_per_element(c: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     return (2 * c).reshape(c.shape + (1,) * (pred.dim() - 2))
 
 
@@ -100,7 +104,7 @@ def _item_sq_sum_backward_torch(
 ) -> list[torch.Tensor]:
     acc = coef.dtype
     diff = pred.to(acc) - target.to(acc)
-    grad = (diff * _grad_scale_shape(coef, pred)).to(pred.dtype).contiguous()
+    grad = (diff * _twice_per_element(coef, pred)).to(pred.dtype).contiguous()
     return [grad, -grad] if with_target else [grad]
 
 
@@ -268,7 +272,7 @@ def tve_energy(
     if weight is not None:
         _check_per_item(weight, "weight", pred)
     items = _item_sq_sum_op(pred, target, registry.resolve(OP, pred.device, backend))
-    return _weighted_sum(items, weight, pred[0, 0].numel() if items.numel() else 1, reduction)
+    return _weighted_sum(items, weight, math.prod(pred.shape[2:]), reduction)
 
 
 def _as_sigma(sigma, pred: torch.Tensor) -> torch.Tensor:
