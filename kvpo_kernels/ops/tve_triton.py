@@ -23,10 +23,11 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 def _element_offsets(i, stride_a, stride_b, stride_c, size_b, size_c, CONTIG: tl.constexpr):
     # linear position i of an item -> element offset a * stride_a + b * stride_b + c * stride_c
     if CONTIG:
-        return i
-    c = i % size_c
-    row = i // size_c
-    return (row // size_b) * stride_a + (row % size_b) * stride_b + c * stride_c
+        offset = i
+    else:
+        row = i // size_c
+        offset = (row // size_b) * stride_a + (row % size_b) * stride_b + (i % size_c) * stride_c
+    return offset
 
 
 @triton.jit
