@@ -81,3 +81,49 @@ def test_sink_and_window_attend_exactly_sink_and_newest_frames():
                 x[:, :, f0 : f0 + fpb], text, f0, cache.view([row], f0, fpb, write=True), 400.0
             )
     assert free_before - cache.store.num_free_pages == len(cache.frames(row)) == 8
+
+
+class _GatheredSDPA:
+    """Oracle context: the view's cached frames gathered densely (detached), then SDPA."""
+
+    writes = False
+
+    def __init__(self, view):
+        self.view = view
+
+    def attend(self, layer, q, k, v):
+        pages = self.view.store.kv_pages(layer)[self.view.page_table[0].long()]
+        k_ctx, v_ctx = pages[:, 0].flatten(0, 1)[None], pages[:, 1].flatten(0, 1)[None]
+        keys, values = torch.cat([k_ctx, k], 1), torch.cat([v_ctx, v], 1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        )
+        return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_through_the_cached_forward(checkpointing):
+    model = random_model()
+    policy = CachePolicy(sink_size=1, local_attn_size=5, resident_frames=8, frames_per_block=2)
+    cache = FrameCache.create(model.config, policy, num_pages=16)
+    (row,) = cache.new_rows(1)
+    text_embeds = torch.randn(1, 5, 32)
+    x = torch.randn(1, 3, 6, 16, 16)
+    with torch.no_grad():
+        text = model.encode_text(text_embeds)
+        for f0 in (0, 2):
+            model.write_context(
+                x[:, :, f0 : f0 + 2], text, f0, cache.view([row], f0, 2, write=True)
+            )
+    grads = []
+    for context in ("paged", "dense"):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing and context == "paged"
+        view = cache.view([row], 4, 2)
+        ctx = view if context == "paged" else _GatheredSDPA(view)
+        out = model(x[:, :, 4:6], 700.0, model.encode_text(text_embeds), 4, ctx)
+        out.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
