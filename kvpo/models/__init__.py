@@ -7,7 +7,8 @@ S denoising steps; the model's dtype is that of its weights)::
     model = CausalWan.from_config(cfg, dtype, device)           # or loading.load_model(...)
     text  = model.encode_text(embeds [P, L, text_dim])          # TextContext: per-layer cross K/V
     cache = FrameCache.create(cfg, CachePolicy(sink_size=3, local_attn_size=12,
-                              resident_frames=33, frames_per_block=3), num_pages, dtype, device)
+                              resident_frames=33, frames_per_block=3, recache_size=None),
+                              num_pages, dtype=model.dtype, device)
     rows  = cache.new_rows(n) | cache.fork(row, n)              # branches share pages (no copies)
     view  = cache.view(rows, start_frame, F, plans=None | [[frame, ...] per row], write=False)
     v     = model(latents [B, C, F, H, W], timestep [B] | [B, F] | float (0..1000),
