@@ -40,8 +40,9 @@ object (needs two of them, else ``direction_k = 0``).
     VQ         = (background + palette + sharpness) / 3
 
 where the rim is the object dilated by 1 px. Segment boundaries come from
-``metadata["segment_starts"]`` (B lists of frame indices) when given, else the T frames are split
-evenly between the prompt's segments.
+``metadata["segment_starts"]`` (B lists of frame indices) when given, else the prompt's segments
+split the T frames evenly in whole blocks of 3 (:func:`kvpo.toy.world.segment_starts`; single
+frames when T is not a multiple of 3).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 from kvpo.rewards import register_reward
 from kvpo.toy.objects import FrameObjects, measure
 from kvpo.toy.prompts import COLOURS, DIRECTIONS, SHAPES, parse_prompt
+from kvpo.toy.world import segment_starts
 
 MIN_AREA, MAX_AREA = 6, 256
 SHAPE_TARGETS = {  # shape: (fill, free, width), (skew, free, width)
@@ -86,14 +88,12 @@ def _mean(values: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
 
 
 def segment_starts_for(prompts, metadata, num_frames: int) -> list[list[int]]:
-    """Segment start frames per video, from metadata or an even split of the frames."""
+    """Segment start frames per video, from metadata or the block-aligned even split."""
     if metadata is not None and "segment_starts" in metadata:
         starts = [list(map(int, s)) for s in metadata["segment_starts"]]
     else:
-        starts = []
-        for prompt in prompts:
-            k = len(parse_prompt(prompt))
-            starts.append([(i * num_frames) // k for i in range(k)])
+        block = 3 if num_frames % 3 == 0 else 1
+        starts = [segment_starts(len(parse_prompt(p)), num_frames // block, block) for p in prompts]
     for b, s in enumerate(starts):
         if not s or s[0] != 0 or any(a >= c for a, c in zip(s, s[1:])) or s[-1] >= num_frames:
             raise ValueError(

@@ -138,6 +138,15 @@ def generate_video(
     return Video(frames, centres, list(segments), [int(s) for s in starts], radius, speed)
 
 
+def segment_starts(num_segments: int, num_blocks: int, frames_per_block: int = 3) -> list[int]:
+    """Block-aligned even split: segment ``k`` starts at block ``floor(k * blocks / K + 1/2)``."""
+    if not 1 <= num_segments <= num_blocks:
+        raise ValueError(f"need 1 <= segments <= blocks, got {num_segments} and {num_blocks}")
+    return [
+        int(k * num_blocks / num_segments + 0.5) * frames_per_block for k in range(num_segments)
+    ]
+
+
 def split_blocks(rng: np.random.Generator, num_blocks: int, num_segments: int, min_blocks: int):
     """A random composition of ``num_blocks`` into ``num_segments`` parts of >= ``min_blocks``."""
     spare = num_blocks - num_segments * min_blocks
