@@ -67,16 +67,16 @@ inline uint16_t float_to_half(float f) {
 
 // ---- portable C++ --------------------------------------------------------------------------
 
-void gemm_generic(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
-                  const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+void gemm_generic(int64_t M, int64_t N, int64_t K, const float* const* a_rows, int64_t a_col,
+                  const float* const* b_rows, float* c, int64_t ldc, bool accumulate,
                   const float* row_scale) {
   for (int64_t i = 0; i < M; ++i) {
     float* ci = c + i * ldc;
     const float s = accumulate ? (row_scale ? row_scale[i] : 1.0f) : 0.0f;
     for (int64_t n = 0; n < N; ++n) ci[n] = s == 0.0f ? 0.0f : ci[n] * s;
     for (int64_t k = 0; k < K; ++k) {
-      const float aik = a[i * a_row + k * a_col];
-      const float* bk = b + k * ldb;
+      const float aik = a_rows[i][k * a_col];
+      const float* bk = b_rows[k];
       for (int64_t n = 0; n < N; ++n) ci[n] += aik * bk[n];
     }
   }
@@ -155,14 +155,16 @@ KVPO_AVX512 inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One MR x (16 NV) tile of C, kept in registers over the whole K loop.
+// One MR x (16 NV) tile of C, kept in registers over the whole K loop; B's columns n0 ...
 template <int MR, int NV>
-KVPO_AVX512 void gemm_tile(int64_t K, const float* a, int64_t a_row, int64_t a_col,
-                           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
-                           const float* row_scale) {
+KVPO_AVX512 void gemm_tile(int64_t K, const float* const* a_rows, int64_t a_col,
+                           const float* const* b_rows, int64_t n0, float* c, int64_t ldc,
+                           bool accumulate, const float* row_scale) {
   __m512 acc[MR][NV];
+  const float* a[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
+    a[i] = a_rows[i];
     const __m512 s = _mm512_set1_ps(row_scale ? row_scale[i] : 1.0f);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
@@ -170,14 +172,13 @@ KVPO_AVX512 void gemm_tile(int64_t K, const float* a, int64_t a_row, int64_t a_c
                              : _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
-    const float* bk = b + k * ldb;
-    const float* ak = a + k * a_col;
+    const float* bk = b_rows[k] + n0;
     __m512 bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512 ai = _mm512_set1_ps(ak[i * a_row]);
+      const __m512 ai = _mm512_set1_ps(a[i][k * a_col]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
     }
@@ -191,8 +192,8 @@ KVPO_AVX512 void gemm_tile(int64_t K, const float* a, int64_t a_row, int64_t a_c
 constexpr int kTileRows = 6;  // MR: 6 rows x 4 vectors = 24 accumulators of the 32 registers
 constexpr int kTileVecs = 4;
 
-using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                        int64_t, bool, const float*);
+using TileFn = void (*)(int64_t, const float* const*, int64_t, const float* const*, int64_t,
+                        float*, int64_t, bool, const float*);
 
 template <int MR>
 constexpr TileFn tile_for(int nv) {
@@ -212,15 +213,15 @@ TileFn tile_table(int mr, int nv) {
   return table[mr - 1][nv - 1];
 }
 
-void gemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
-                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+void gemm_avx512(int64_t M, int64_t N, int64_t K, const float* const* a_rows, int64_t a_col,
+                 const float* const* b_rows, float* c, int64_t ldc, bool accumulate,
                  const float* row_scale) {
   for (int64_t n0 = 0; n0 < N; n0 += 16 * kTileVecs) {
     const int nv = int(std::min<int64_t>(kTileVecs, (N - n0) / 16));
     for (int64_t i0 = 0; i0 < M; i0 += kTileRows) {
       const int mr = int(std::min<int64_t>(kTileRows, M - i0));
-      tile_table(mr, nv)(K, a + i0 * a_row, a_row, a_col, b + n0, ldb, c + i0 * ldc + n0, ldc,
-                         accumulate, row_scale ? row_scale + i0 : nullptr);
+      tile_table(mr, nv)(K, a_rows + i0, a_col, b_rows, n0, c + i0 * ldc + n0, ldc, accumulate,
+                         row_scale ? row_scale + i0 : nullptr);
     }
   }
 }

@@ -4,7 +4,8 @@
 // the item so that each key block is loaded once for all of them):
 //   Qt[D, M] = (scale * log2 e) * Q^T                      M = G * queries, one lane per query
 //   for each block of keys (the row's cached tokens, looked up per token through its page list,
-//   then its new tokens), converted to fp32 rows K_b, V_b:
+//   then its new tokens) as rows K_b, V_b (fp32 rows are read where they lie, in the pages;
+//   16-bit rows are converted to fp32 one block at a time; nothing is gathered):
 //     S^T = K_b Qt;  m' = max(m, colmax S^T);  P^T = exp2(S^T - m');  l = l 2^(m - m') + colsum
 //     O = diag(2^(m - m')) O + P V_b
 //   out = O / l,  lse = (m + log2 l) ln 2
@@ -25,9 +26,9 @@
 namespace kvpo {
 namespace {
 
-constexpr int64_t kKeyBlock = 96;    // keys per block (rows of S^T), a multiple of the GEMM's 6
-constexpr int64_t kLaneTarget = 96;  // queries (all heads of a group) per work item, about
-constexpr int64_t kQueryBlock = 64;  // queries per block in the backward's pass 2
+constexpr int64_t kKeyBlock = 96;     // keys per block (rows of S^T), a multiple of the GEMM's 6
+constexpr int64_t kLaneTarget = 256;  // queries (all heads of a group) per work item, about
+constexpr int64_t kQueryBlock = 64;   // queries per block in the backward's pass 2
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -80,12 +81,49 @@ struct KeySource {
   }
 };
 
-// Keys [n, dp] and values [n, dp] of tokens t0 .. t0 + n - 1 as fp32 rows (zero-padded to dp).
-void load_key_block(const TileOps& ops, ElemType type, const KeySource& src, int64_t t0,
-                    int64_t n, int64_t dim, int64_t dp, float* keys, float* values) {
+// Asks the caches for the key and value rows of token t. Rows are scattered over pages,
+// H_kv * D elements apart, each in another 4 KiB page where the hardware prefetchers stop.
+void prefetch_token(const KeySource& src, int64_t t, int64_t row_bytes) {
+  if (t >= src.total) return;
+  const char* k = src.key_address(t);
+  const char* v = src.value_address(t);
+  for (int64_t at = 0; at < row_bytes; at += 64) {
+    __builtin_prefetch(k + at, 0, 2);
+    __builtin_prefetch(v + at, 0, 2);
+  }
+}
+
+// How rows of the inputs reach the GEMMs: fp32 rows whose length is a multiple of 16 are read
+// where they lie; other rows are converted (and zero-padded to dp) into a tile.
+struct RowReader {
+  const TileOps& ops;
+  ElemType type;
+  int64_t dim, dp;
+  bool in_place;
+
+  RowReader(const TileOps& o, ElemType t, int64_t d)
+      : ops(o),
+        type(t),
+        dim(d),
+        dp(round_up(d, 16)),
+        in_place(t == ElemType::kFloat32 && d == dp) {}
+
+  const float* row(const char* src, float* tile_row) const {
+    if (in_place) return reinterpret_cast<const float*>(src);
+    ops.load_row(type, src, dim, dp, 1.0f, tile_row);
+    return tile_row;
+  }
+};
+
+// Row pointers to the keys and values of tokens t0 .. t0 + n - 1, prefetching the rows of the
+// next block (tokens t0 + kKeyBlock ..) as it goes.
+void key_block_rows(const RowReader& reader, const KeySource& src, int64_t t0, int64_t n,
+                    float* key_tile, float* value_tile, const float** keys, const float** values) {
+  const int64_t row_bytes = reader.dim * element_size(reader.type);
   for (int64_t j = 0; j < n; ++j) {
-    ops.load_row(type, src.key_address(t0 + j), dim, dp, 1.0f, keys + j * dp);
-    ops.load_row(type, src.value_address(t0 + j), dim, dp, 1.0f, values + j * dp);
+    prefetch_token(src, t0 + kKeyBlock + j, row_bytes);
+    keys[j] = reader.row(src.key_address(t0 + j), key_tile + j * reader.dp);
+    values[j] = reader.row(src.value_address(t0 + j), value_tile + j * reader.dp);
   }
 }
 
@@ -99,6 +137,11 @@ void load_transposed(const TileOps& ops, ElemType type, const char* const* rows,
   }
   for (int64_t d = 0; d < dp; ++d)
     for (int64_t r = count; r < lanes; ++r) dst[d * lanes + r] = 0.0f;
+}
+
+// Row pointers of a row-major [rows, ld] tile: out[i] = base + i * ld.
+void tile_rows(const float* base, int64_t rows, int64_t ld, const float** out) {
+  for (int64_t i = 0; i < rows; ++i) out[i] = base + i * ld;
 }
 
 // The query rows of one work item: lane r = g * nq + i is head kv_head * G + g, query q0 + i.
@@ -130,48 +173,72 @@ int64_t query_items(const RoutedAttentionShape& s) {
   return s.batch * s.kv_heads * ceil_div(s.lq, queries_per_item(s));
 }
 
+// Scratch of one thread for the query-tile passes (forward and backward pass 1).
+struct QueryScratch {
+  std::vector<float> qt, dot, acc, st, dpt, key_tile, value_tile, row, row2;
+  std::vector<float> m, l, alpha, lse2, delta;
+  std::vector<const float*> keys, values, qt_rows, dot_rows, st_cols;
+  std::vector<const char*> rows;
+  QueryScratch(int64_t dp, int64_t max_lanes, bool backward)
+      : qt(dp * max_lanes), dot(backward ? dp * max_lanes : 0), acc(max_lanes * dp),
+        st(kKeyBlock * max_lanes), dpt(backward ? kKeyBlock * max_lanes : 0),
+        key_tile(kKeyBlock * dp), value_tile(kKeyBlock * dp), row(dp), row2(dp), m(max_lanes),
+        l(max_lanes), alpha(max_lanes), lse2(max_lanes), delta(max_lanes), keys(kKeyBlock),
+        values(kKeyBlock), qt_rows(dp), dot_rows(dp), st_cols(max_lanes), rows(max_lanes) {}
+
+  // Qt [dp, padded] = scale * the tile's query rows of `src`, transposed; and row pointers.
+  void load_queries(const TileOps& ops, ElemType type, const RoutedAttentionShape& s,
+                    const QueryTile& tile, const char* src, float scale, float* dst,
+                    const float** dst_rows) {
+    const int64_t elem = element_size(type), dp = round_up(s.dim, 16);
+    for (int64_t r = 0; r < tile.lanes; ++r) rows[r] = src + tile.offset(s, r) * elem;
+    load_transposed(ops, type, rows.data(), tile.lanes, tile.padded, s.dim, dp, scale,
+                    row.data(), dst);
+    tile_rows(dst, dp, tile.padded, dst_rows);
+  }
+};
+
 }  // namespace
 
 void routed_attention_forward_cpu(const RoutedAttentionShape& s, ElemType type,
                                   const PagedContext& ctx, const RoutedAttentionForwardArgs& args,
                                   float scale) {
   const TileOps& ops = tile_ops();
-  const int64_t elem = element_size(type), dp = round_up(s.dim, 16);
+  const RowReader reader(ops, type, s.dim);
+  const int64_t elem = element_size(type), dp = reader.dp;
   const int64_t per_item = queries_per_item(s), items = query_items(s);
   const int64_t max_lanes = round_up((s.heads / s.kv_heads) * per_item, 16);
-  const char* q = static_cast<const char*>(args.q);
   char* out = static_cast<char*>(args.out);
 #pragma omp parallel if (items > 1)
   {
-    std::vector<float> qt(dp * max_lanes), o(max_lanes * dp), st(kKeyBlock * max_lanes);
-    std::vector<float> keys(kKeyBlock * dp), values(kKeyBlock * dp), row(dp);
-    std::vector<float> m(max_lanes), l(max_lanes), alpha(max_lanes);
-    std::vector<const char*> rows(max_lanes);
+    QueryScratch w(dp, max_lanes, false);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const QueryTile tile(s, item, per_item);
       const KeySource src(s, ctx, elem, args.k_new, args.v_new, tile.b, tile.kv_head);
-      for (int64_t r = 0; r < tile.lanes; ++r) rows[r] = q + tile.offset(s, r) * elem;
-      load_transposed(ops, type, rows.data(), tile.lanes, tile.padded, s.dim, dp,
-                      scale * kLog2e, row.data(), qt.data());
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.0f);
-      std::fill(o.begin(), o.begin() + tile.lanes * dp, 0.0f);
+      w.load_queries(ops, type, s, tile, static_cast<const char*>(args.q), scale * kLog2e,
+                     w.qt.data(), w.qt_rows.data());
+      for (int64_t r = 0; r < tile.lanes; ++r) w.st_cols[r] = w.st.data() + r;
+      std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(w.l.begin(), w.l.end(), 0.0f);
+      std::fill(w.acc.begin(), w.acc.begin() + tile.lanes * dp, 0.0f);
       for (int64_t t0 = 0; t0 < src.total; t0 += kKeyBlock) {
         const int64_t n = std::min(kKeyBlock, src.total - t0);
-        load_key_block(ops, type, src, t0, n, s.dim, dp, keys.data(), values.data());
-        ops.gemm(n, tile.padded, dp, keys.data(), dp, 1, qt.data(), tile.padded, st.data(),
+        key_block_rows(reader, src, t0, n, w.key_tile.data(), w.value_tile.data(), w.keys.data(),
+                       w.values.data());
+        // S^T = K Qt; online softmax over its rows; O = diag(alpha) O + P V
+        ops.gemm(n, tile.padded, dp, w.keys.data(), 1, w.qt_rows.data(), w.st.data(),
                  tile.padded, false, nullptr);
-        ops.softmax_step(st.data(), n, tile.padded, m.data(), l.data(), alpha.data());
-        ops.gemm(tile.lanes, dp, n, st.data(), 1, tile.padded, values.data(), dp, o.data(), dp,
-                 true, alpha.data());
+        ops.softmax_step(w.st.data(), n, tile.padded, w.m.data(), w.l.data(), w.alpha.data());
+        ops.gemm(tile.lanes, dp, n, w.st_cols.data(), tile.padded, w.values.data(), w.acc.data(),
+                 dp, true, w.alpha.data());
       }
       for (int64_t r = 0; r < tile.lanes; ++r) {
-        const bool empty = !(l[r] > 0.0f);
-        ops.store_row(type, o.data() + r * dp, s.dim, empty ? 0.0f : 1.0f / l[r],
+        const bool empty = !(w.l[r] > 0.0f);
+        ops.store_row(type, w.acc.data() + r * dp, s.dim, empty ? 0.0f : 1.0f / w.l[r],
                       out + tile.offset(s, r) * elem);
-        args.lse[tile.lse_index(s, r)] =
-            empty ? -std::numeric_limits<float>::infinity() : (m[r] + std::log2(l[r])) * kLn2;
+        args.lse[tile.lse_index(s, r)] = empty ? -std::numeric_limits<float>::infinity()
+                                               : (w.m[r] + std::log2(w.l[r])) * kLn2;
       }
     }
   }
@@ -183,61 +250,57 @@ namespace {
 void backward_queries(const TileOps& ops, const RoutedAttentionShape& s, ElemType type,
                       const PagedContext& ctx, const RoutedAttentionBackwardArgs& args,
                       float scale, float* delta_out) {
-  const int64_t elem = element_size(type), dp = round_up(s.dim, 16);
+  const RowReader reader(ops, type, s.dim);
+  const int64_t elem = element_size(type), dp = reader.dp;
   const int64_t per_item = queries_per_item(s), items = query_items(s);
   const int64_t max_lanes = round_up((s.heads / s.kv_heads) * per_item, 16);
-  const char* q = static_cast<const char*>(args.q);
   const char* dout = static_cast<const char*>(args.dout);
   const char* out = static_cast<const char*>(args.out);
 #pragma omp parallel if (items > 1)
   {
-    std::vector<float> qt(dp * max_lanes), dot(dp * max_lanes), dq(max_lanes * dp);
-    std::vector<float> st(kKeyBlock * max_lanes), dpt(kKeyBlock * max_lanes);
-    std::vector<float> keys(kKeyBlock * dp), values(kKeyBlock * dp), row(dp), row2(dp);
-    std::vector<float> lse2(max_lanes), delta(max_lanes);
-    std::vector<const char*> rows(max_lanes);
+    QueryScratch w(dp, max_lanes, true);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const QueryTile tile(s, item, per_item);
       const KeySource src(s, ctx, elem, args.k_new, args.v_new, tile.b, tile.kv_head);
-      for (int64_t r = 0; r < tile.lanes; ++r) rows[r] = q + tile.offset(s, r) * elem;
-      load_transposed(ops, type, rows.data(), tile.lanes, tile.padded, s.dim, dp,
-                      scale * kLog2e, row.data(), qt.data());
-      for (int64_t r = 0; r < tile.lanes; ++r) rows[r] = dout + tile.offset(s, r) * elem;
-      load_transposed(ops, type, rows.data(), tile.lanes, tile.padded, s.dim, dp, 1.0f,
-                      row.data(), dot.data());
-      std::fill(lse2.begin(), lse2.end(), 0.0f);
-      std::fill(delta.begin(), delta.end(), 0.0f);
+      w.load_queries(ops, type, s, tile, static_cast<const char*>(args.q), scale * kLog2e,
+                     w.qt.data(), w.qt_rows.data());
+      w.load_queries(ops, type, s, tile, dout, 1.0f, w.dot.data(), w.dot_rows.data());
+      for (int64_t r = 0; r < tile.lanes; ++r) w.st_cols[r] = w.st.data() + r;
+      std::fill(w.lse2.begin(), w.lse2.end(), 0.0f);
+      std::fill(w.delta.begin(), w.delta.end(), 0.0f);
       for (int64_t r = 0; r < tile.lanes; ++r) {
         const int64_t at = tile.offset(s, r) * elem, li = tile.lse_index(s, r);
-        ops.load_row(type, dout + at, s.dim, dp, 1.0f, row.data());
-        ops.load_row(type, out + at, s.dim, dp, 1.0f, row2.data());
+        ops.load_row(type, dout + at, s.dim, dp, 1.0f, w.row.data());
+        ops.load_row(type, out + at, s.dim, dp, 1.0f, w.row2.data());
         float dot_do_o = 0.0f;
-        for (int64_t d = 0; d < s.dim; ++d) dot_do_o += row[d] * row2[d];
-        delta[r] = dot_do_o - args.dlse[li];
-        delta_out[li] = delta[r];
-        lse2[r] = args.lse[li] * kLog2e;
+        for (int64_t d = 0; d < s.dim; ++d) dot_do_o += w.row[d] * w.row2[d];
+        w.delta[r] = dot_do_o - args.dlse[li];
+        delta_out[li] = w.delta[r];
+        w.lse2[r] = args.lse[li] * kLog2e;
       }
-      std::fill(dq.begin(), dq.begin() + tile.lanes * dp, 0.0f);
+      std::fill(w.acc.begin(), w.acc.begin() + tile.lanes * dp, 0.0f);
       for (int64_t t0 = 0; t0 < src.total; t0 += kKeyBlock) {
         const int64_t n = std::min(kKeyBlock, src.total - t0);
-        load_key_block(ops, type, src, t0, n, s.dim, dp, keys.data(), values.data());
-        ops.gemm(n, tile.padded, dp, keys.data(), dp, 1, qt.data(), tile.padded, st.data(),
+        key_block_rows(reader, src, t0, n, w.key_tile.data(), w.value_tile.data(), w.keys.data(),
+                       w.values.data());
+        // P^T = exp2(K Qt - lse2); dP^T = V dOt; dS^T = P^T (dP^T - delta); dQ += dS K
+        ops.gemm(n, tile.padded, dp, w.keys.data(), 1, w.qt_rows.data(), w.st.data(),
                  tile.padded, false, nullptr);
-        ops.exp2_minus_lane(st.data(), n, tile.padded, lse2.data());  // P^T
-        ops.gemm(n, tile.padded, dp, values.data(), dp, 1, dot.data(), tile.padded, dpt.data(),
-                 tile.padded, false, nullptr);  // dP^T = V dO^T
+        ops.exp2_minus_lane(w.st.data(), n, tile.padded, w.lse2.data());
+        ops.gemm(n, tile.padded, dp, w.values.data(), 1, w.dot_rows.data(), w.dpt.data(),
+                 tile.padded, false, nullptr);
         for (int64_t j = 0; j < n; ++j) {
-          float* p = st.data() + j * tile.padded;
-          const float* g = dpt.data() + j * tile.padded;
-          for (int64_t r = 0; r < tile.padded; ++r) p[r] *= g[r] - delta[r];  // dS^T
+          float* p = w.st.data() + j * tile.padded;
+          const float* g = w.dpt.data() + j * tile.padded;
+          for (int64_t r = 0; r < tile.padded; ++r) p[r] *= g[r] - w.delta[r];
         }
-        ops.gemm(tile.lanes, dp, n, st.data(), 1, tile.padded, keys.data(), dp, dq.data(), dp,
-                 true, nullptr);
+        ops.gemm(tile.lanes, dp, n, w.st_cols.data(), tile.padded, w.keys.data(), w.acc.data(),
+                 dp, true, nullptr);
       }
       char* dq_out = static_cast<char*>(args.dq);
       for (int64_t r = 0; r < tile.lanes; ++r)
-        ops.store_row(type, dq.data() + r * dp, s.dim, scale, dq_out + tile.offset(s, r) * elem);
+        ops.store_row(type, w.acc.data() + r * dp, s.dim, scale, dq_out + tile.offset(s, r) * elem);
     }
   }
 }
@@ -246,7 +309,8 @@ void backward_queries(const TileOps& ops, const RoutedAttentionShape& s, ElemTyp
 void backward_new_tokens(const TileOps& ops, const RoutedAttentionShape& s, ElemType type,
                          const PagedContext& ctx, const RoutedAttentionBackwardArgs& args,
                          float scale, const float* delta) {
-  const int64_t elem = element_size(type), dp = round_up(s.dim, 16);
+  const RowReader reader(ops, type, s.dim);
+  const int64_t elem = element_size(type), dp = reader.dp;
   const int64_t group = s.heads / s.kv_heads, tiles = ceil_div(s.ln, kKeyBlock);
   const int64_t items = s.batch * s.kv_heads * tiles, max_keys = round_up(kKeyBlock, 16);
   const char* q = static_cast<const char*>(args.q);
@@ -254,9 +318,11 @@ void backward_new_tokens(const TileOps& ops, const RoutedAttentionShape& s, Elem
 #pragma omp parallel if (items > 1)
   {
     std::vector<float> kt(dp * max_keys), vt(dp * max_keys), dk(kKeyBlock * dp),
-        dv(kKeyBlock * dp);
-    std::vector<float> qb(kQueryBlock * dp), dob(kQueryBlock * dp), sb(kQueryBlock * max_keys),
-        dpb(kQueryBlock * max_keys), row(dp), lse2(kQueryBlock), dl(kQueryBlock);
+        dv(kKeyBlock * dp), q_tile(kQueryBlock * dp), do_tile(kQueryBlock * dp),
+        sb(kQueryBlock * max_keys), dpb(kQueryBlock * max_keys), row(dp), lse2(kQueryBlock),
+        dl(kQueryBlock);
+    std::vector<const float*> kt_rows(dp), vt_rows(dp), q_rows(kQueryBlock),
+        do_rows(kQueryBlock), sb_cols(max_keys);
     std::vector<const char*> rows(kKeyBlock);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
@@ -270,6 +336,9 @@ void backward_new_tokens(const TileOps& ops, const RoutedAttentionShape& s, Elem
                       kt.data());
       for (int64_t j = 0; j < n; ++j) rows[j] = src.value_address(t0 + j);
       load_transposed(ops, type, rows.data(), n, lanes, s.dim, dp, 1.0f, row.data(), vt.data());
+      tile_rows(kt.data(), dp, lanes, kt_rows.data());
+      tile_rows(vt.data(), dp, lanes, vt_rows.data());
+      for (int64_t j = 0; j < n; ++j) sb_cols[j] = sb.data() + j;
       std::fill(dk.begin(), dk.end(), 0.0f);
       std::fill(dv.begin(), dv.end(), 0.0f);
       for (int64_t head = h * group; head < (h + 1) * group; ++head) {
@@ -278,23 +347,33 @@ void backward_new_tokens(const TileOps& ops, const RoutedAttentionShape& s, Elem
           for (int64_t i = 0; i < nq; ++i) {
             const int64_t at = ((b * s.lq + q0 + i) * s.heads + head) * s.dim * elem;
             const int64_t li = (b * s.heads + head) * s.lq + q0 + i;
-            ops.load_row(type, q + at, s.dim, dp, 1.0f, qb.data() + i * dp);
-            ops.load_row(type, dout + at, s.dim, dp, 1.0f, dob.data() + i * dp);
+            q_rows[i] = reader.row(q + at, q_tile.data() + i * dp);
+            do_rows[i] = reader.row(dout + at, do_tile.data() + i * dp);
             lse2[i] = args.lse[li] * kLog2e;
             dl[i] = delta[li];
+            if (q0 + nq + i < s.lq) {  // the next block's rows, while this one computes
+              const int64_t next = at + nq * s.heads * s.dim * elem;
+              for (int64_t byte = 0; byte < s.dim * elem; byte += 64) {
+                __builtin_prefetch(q + next + byte, 0, 2);
+                __builtin_prefetch(dout + next + byte, 0, 2);
+              }
+            }
           }
-          ops.gemm(nq, lanes, dp, qb.data(), dp, 1, kt.data(), lanes, sb.data(), lanes, false,
+          // P = exp2(Q Kt - lse2); dV += P^T dO; dP = dO Vt; dS = P (dP - delta); dK += dS^T Q
+          ops.gemm(nq, lanes, dp, q_rows.data(), 1, kt_rows.data(), sb.data(), lanes, false,
                    nullptr);
-          ops.exp2_minus_row(sb.data(), nq, lanes, lse2.data());  // P
-          ops.gemm(n, dp, nq, sb.data(), 1, lanes, dob.data(), dp, dv.data(), dp, true, nullptr);
-          ops.gemm(nq, lanes, dp, dob.data(), dp, 1, vt.data(), lanes, dpb.data(), lanes, false,
-                   nullptr);  // dP = dO V^T
+          ops.exp2_minus_row(sb.data(), nq, lanes, lse2.data());
+          ops.gemm(n, dp, nq, sb_cols.data(), lanes, do_rows.data(), dv.data(), dp, true,
+                   nullptr);
+          ops.gemm(nq, lanes, dp, do_rows.data(), 1, vt_rows.data(), dpb.data(), lanes, false,
+                   nullptr);
           for (int64_t i = 0; i < nq; ++i) {
             float* p = sb.data() + i * lanes;
             const float* g = dpb.data() + i * lanes;
-            for (int64_t j = 0; j < lanes; ++j) p[j] *= g[j] - dl[i];  // dS
+            for (int64_t j = 0; j < lanes; ++j) p[j] *= g[j] - dl[i];
           }
-          ops.gemm(n, dp, nq, sb.data(), 1, lanes, qb.data(), dp, dk.data(), dp, true, nullptr);
+          ops.gemm(n, dp, nq, sb_cols.data(), lanes, q_rows.data(), dk.data(), dp, true,
+                   nullptr);
         }
       }
       char* dk_out = static_cast<char*>(args.dk_new);

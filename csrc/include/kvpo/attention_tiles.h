@@ -11,10 +11,11 @@ namespace kvpo {
 struct TileOps {
   // C[M, N] = row_scale[i] * C[M, N] + A @ B   (accumulate; row_scale may be null = 1)
   // C[M, N] = A @ B                           (!accumulate)
-  // A(i, k) = a[i * a_row + k * a_col]; B(k, n) = b[k * ldb + n]; C(i, n) = c[i * ldc + n].
-  // N must be a multiple of 16.
-  void (*gemm)(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
-               const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+  // A(i, k) = a_rows[i][k * a_col]; B(k, n) = b_rows[k][n]; C(i, n) = c[i * ldc + n].
+  // Operands are row pointers so that rows can be read where they lie (pages, inputs) or from
+  // tiles. N must be a multiple of 16; B's rows must be readable up to N.
+  void (*gemm)(int64_t M, int64_t N, int64_t K, const float* const* a_rows, int64_t a_col,
+               const float* const* b_rows, float* c, int64_t ldc, bool accumulate,
                const float* row_scale);
 
   // One online-softmax step over a block of keys held as rows of st [rows, lanes] (log2 units,
