@@ -95,6 +95,9 @@ class TrainConfig:
     kernel_backend: str = _f("auto", "kvpo_kernels backend: auto, torch, triton or cpp")
     denoising_step_list: list[int] = _f([1000, 750, 500, 250], "few-step sampler timesteps")
     warp_denoising_step: bool = _f(True, "map the timesteps through the shifted schedule")
+    sampler_rule: str = _f(
+        "euler", "'x0' (re-noise x0_hat: the distilled models) or 'euler' (the toy model's ODE)"
+    )
     num_frame_per_block: int = _f(3, "latent frames generated per block")
     context_noise: int = _f(0, "timestep of the context pass that writes a block's K/V")
     model_kwargs: ModelKwargs = _f(ModelKwargs(), "cache geometry (see model_kwargs.*)")

@@ -22,6 +22,7 @@ CHOICES = {
     "advantage_mode": ("anchor", "grpo"),
     "advantage_fusion_mode": ("std", "none", "zscore"),
     "tve_step_weight": ("sigma2", "uniform"),
+    "sampler_rule": ("x0", "euler"),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
 }
 

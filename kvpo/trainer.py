@@ -82,7 +82,7 @@ class KVPOTrainer:
         self.schedule = FlowSchedule(
             tuple(cfg.denoising_step_list), mk.timestep_shift, warp=cfg.warp_denoising_step
         )
-        self.sampler = FewStepSampler(self.schedule, rule="x0")
+        self.sampler = FewStepSampler(self.schedule, rule=cfg.sampler_rule)
         self.weights = step_weights(self.schedule, cfg.tve_step_weight).to(self.device)
         self.geometry = routing_geometry(cfg)
         self.chunks = video_chunks(cfg)
@@ -332,7 +332,11 @@ class KVPOTrainer:
             record[f"reward_{name}/total_mean"] = float(total.mean())
             record[f"reward_{name}/total_anchor"] = anchor
         record["advantage/final"] = adv.final
+        record["advantage/fused"] = adv.fused
         record["advantage/clip_fraction"] = adv.clip_fraction
+        for name, value in (("local", adv.local), ("global", adv.global_)):
+            if value is not None:
+                record[f"advantage/{name}"] = value
         record["routing/start_frame"] = ro.plan.start_frame
         record["routing/distinct_sets"] = ro.plan.distinct_sets()
         record["routing/mean_jaccard"] = ro.plan.mean_pairwise_jaccard()

@@ -105,3 +105,38 @@ def test_keep_last_and_errors(tmp_path):
     assert names == ["step-000002", "step-000003"]
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_interrupted_run_resumes_bit_exactly(tmp_path):
+    """3 steps in one go == 2 steps, stop, ``--resume`` for the third (sync_every = 2, so the
+    resumed step starts right after an old-policy sync)."""
+    from kvpo.train import main
+    from tests.kvpo.trainer_fixtures import tiny_args, tiny_generator_dir
+
+    weights = tiny_generator_dir(tmp_path / "weights")
+    quiet = ("eval_before=false", "eval_after=false")
+    assert main(tiny_args(weights, tmp_path, "run_name=full", "max_train_steps=3", *quiet)) == 0
+    assert main(tiny_args(weights, tmp_path, "run_name=part", "max_train_steps=2", *quiet)) == 0
+    assert main(["--resume", str(tmp_path / "part"), "max_train_steps=3"]) == 0
+    full, part = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert full.step == part.step == 3
+    for a, b in (
+        (full.policy, part.policy),
+        (full.old_policy, part.old_policy),
+        (full.ema, part.ema),
+    ):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for pid, entries in full.optimizer["state"].items():
+        for name, value in entries.items():
+            assert torch.equal(value, part.optimizer["state"][pid][name])
+    assert full.extra["counters"] == part.extra["counters"]
+    lines = [
+        [line for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("full", "part")
+    ]
+    import json
+
+    last = [json.loads(x[-1]) for x in lines]
+    assert last[0]["step"] == last[1]["step"] == 2
+    for key in ("loss", "energy/current", "advantage/final", "grad_norm", "routing/plan"):
+        assert last[0][key] == last[1][key], key

@@ -37,15 +37,8 @@ def _model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    info = init_distributed("cpu")
+def _plain_model_steps(rank: int, info, out_dir: str) -> None:
+    """Three AdamW steps of a small MLP on this rank's group, gradients averaged."""
     assert info.backend == "gloo" and info.rank == rank
     model = _model(seed=rank)  # different initial weights per rank ...
     params = list(model.parameters())
@@ -62,13 +55,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         {"params": [p.detach() for p in params], "flags": flags, "seeds": seeds},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
-    shutdown(info)
 
 
-def test_two_gloo_ranks_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-
+def _check_plain_model(out_dir) -> None:
+    results = [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
     model = _model(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(3):
@@ -92,3 +82,64 @@ def test_single_process_is_a_no_op():
     average_gradients(list(model.parameters()), info)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
     assert any_rank(True, info) and gather_objects(3, info) == [3]
+
+
+def _trainer(weights, run_dir, info):
+    from kvpo.generator import load_generator
+    from kvpo.trainer import KVPOTrainer
+    from tests.kvpo.trainer_fixtures import tiny_config
+
+    cfg = tiny_config(weights, run_dir)
+    torch.manual_seed(123)  # the LoRA init; ranks > 0 receive rank 0's by broadcast anyway
+    return KVPOTrainer(cfg, load_generator(cfg, info.device), info)
+
+
+def _kvpo_worker(rank: int, world: int, port: int, weights: str, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    _plain_model_steps(rank, info, out_dir)
+    trainer = _trainer(weights, out_dir, info)
+    record = trainer.train_step(0)
+    params = {k: v.detach().clone() for k, v in trainer.named_params.items()}
+    grads = {k: v.grad.clone() for k, v in trainer.named_params.items()}  # averaged, clipped
+    torch.save(
+        {"params": params, "grads": grads, "loss": record["loss"]},
+        os.path.join(out_dir, f"kvpo{rank}.pt"),
+    )
+    shutdown(info)
+
+
+def test_kvpo_step_two_ranks_equals_one_process_two_groups(tmp_path):
+    """Two gloo processes: a plain MLP's averaged updates equal one process on both groups'
+    mean loss; one KVPO step with a group per rank == one process accumulating both groups'
+    gradients (rank 0's and rank 1's prompts, plans and noise), averaged, then one update."""
+    from kvpo.metrics import PhaseTimer
+    from tests.kvpo.trainer_fixtures import tiny_generator_dir
+
+    weights = tiny_generator_dir(tmp_path / "weights")
+    mp.spawn(_kvpo_worker, args=(2, _free_port(), str(weights), str(tmp_path)), nprocs=2, join=True)
+    _check_plain_model(tmp_path)
+    results = [torch.load(tmp_path / f"kvpo{r}.pt") for r in range(2)]
+
+    trainer = _trainer(weights, tmp_path, DistInfo())
+    timer = PhaseTimer()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    losses = [trainer.group_gradients(0, timer, rank=r)["loss"] for r in range(2)]
+    for p in trainer.params:
+        p.grad /= 2
+    trainer.apply_update(timer)
+    assert losses == [results[0]["loss"], results[1]["loss"]]
+    # the same averaged gradient up to fp32 summation order; AdamW's first step is ~lr * sign(g)
+    # (lr 2e-3 in warmup), so parameters agree to well below one update
+    for name, p in trainer.named_params.items():
+        for r in range(2):
+            torch.testing.assert_close(results[r]["grads"][name], p.grad, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(results[r]["params"][name], p.detach(), rtol=0, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in results[0]["grads"].values())
