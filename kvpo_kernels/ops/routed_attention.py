@@ -231,7 +231,7 @@ def _check(q, k_new, v_new, kv_pages, page_table, ctx_lens) -> None:
         )
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         check_same_device(name, t, device)
-        if t.shape != (batch, t.shape[1], kv_heads, dim) or t.dim() != 4:
+        if t.dim() != 4 or t.shape != (batch, t.shape[1], kv_heads, dim):
             raise ValueError(
                 f"{name} must be [B={batch}, Ln, H_kv={kv_heads}, D={dim}], got {tuple(t.shape)}"
             )
@@ -249,20 +249,24 @@ def _check(q, k_new, v_new, kv_pages, page_table, ctx_lens) -> None:
         )
     if ctx_lens.shape != (batch,):
         raise ValueError(f"ctx_lens must be [B={batch}], got {tuple(ctx_lens.shape)}")
-    if device.type != "cpu" or torch.compiler.is_compiling() or batch == 0:
-        return
+    if torch.compiler.is_compiling() or batch == 0:
+        return  # data-dependent checks cannot be traced
     capacity = page_table.shape[1] * page_size
-    bad = ((ctx_lens < 0) | (ctx_lens > capacity)).nonzero()
-    if bad.numel():
-        b = int(bad[0, 0])
-        raise ValueError(
-            f"ctx_lens[{b}] = {int(ctx_lens[b])}, expected 0..{capacity} "
-            f"({page_table.shape[1]} pages of {page_size} tokens in the page table)"
+    if device.type == "cpu":
+        bad = ((ctx_lens < 0) | (ctx_lens > capacity)).nonzero()
+        if bad.numel():
+            b = int(bad[0, 0])
+            raise ValueError(
+                f"ctx_lens[{b}] = {int(ctx_lens[b])}, expected 0..{capacity} "
+                f"({page_table.shape[1]} pages of {page_size} tokens in the page table)"
+            )
+    else:  # enqueued, no device synchronisation
+        torch._assert_async(
+            ((ctx_lens >= 0) & (ctx_lens <= capacity)).all(),
+            f"ctx_lens must lie in 0..{capacity} (page table width x page size)",
         )
-    used = (
-        torch.arange(page_table.shape[1])[None, :]
-        < (ctx_lens[:, None] + page_size - 1) // page_size
-    )
+    pages_used = (ctx_lens[:, None] + page_size - 1) // page_size
+    used = torch.arange(page_table.shape[1], device=device)[None, :] < pages_used
     check_ids_in_range(page_table.masked_fill(~used, 0), "page_table", num_pages)
 
 

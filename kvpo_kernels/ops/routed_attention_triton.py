@@ -38,7 +38,9 @@ def _configs(block_m, block_n):
 def _key_block(Pages, KNew, VNew, table_row, ctx, total, start, k_new_row, v_new_row,
                stride_kn_l, stride_vn_l, stride_page, stride_kv, stride_slot, kv_head_offset,
                page_size, offs_d, d_mask, BLOCK_N: tl.constexpr):  # fmt: skip
-    # keys/values [BLOCK_N, BLOCK_D] of tokens start .. start + BLOCK_N - 1 of the row
+    # keys/values [BLOCK_N, BLOCK_D] of tokens start .. start + BLOCK_N - 1 of the row: cached
+    # tokens through their pages, new tokens from k_new/v_new (two predicated loads, one per
+    # source; a lane loads from at most one of them)
     t = start + tl.arange(0, BLOCK_N)
     valid = t < total
     cached = t < ctx
@@ -46,11 +48,14 @@ def _key_block(Pages, KNew, VNew, table_row, ctx, total, start, k_new_row, v_new
     slot = (t % page_size).to(tl.int64)
     k_cached = Pages + page * stride_page + slot * stride_slot + kv_head_offset
     new = tl.where(cached, 0, t - ctx).to(tl.int64)
-    k_ptr = tl.where(cached, k_cached, KNew + k_new_row + new * stride_kn_l)
-    v_ptr = tl.where(cached, k_cached + stride_kv, VNew + v_new_row + new * stride_vn_l)
-    mask = valid[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_ptr[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    from_pages = cached[:, None] & d_mask[None, :]
+    from_new = (valid & ~cached)[:, None] & d_mask[None, :]
+    k = tl.load(k_cached[:, None] + offs_d[None, :], mask=from_pages, other=0.0)
+    k += tl.load(KNew + k_new_row + new[:, None] * stride_kn_l + offs_d[None, :], mask=from_new,
+                 other=0.0)  # fmt: skip
+    v = tl.load(k_cached[:, None] + stride_kv + offs_d[None, :], mask=from_pages, other=0.0)
+    v += tl.load(VNew + v_new_row + new[:, None] * stride_vn_l + offs_d[None, :], mask=from_new,
+                 other=0.0)  # fmt: skip
     return k, v, valid
 
 
