@@ -68,6 +68,7 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.kl_coef >= 0, f"kl_coef must be >= 0, got {cfg.kl_coef}")
     need(cfg.eval_seeds >= 1, f"eval_seeds must be >= 1, got {cfg.eval_seeds}")
     need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
+    need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
     need(cfg.row_micro_batch >= 0, f"row_micro_batch must be >= 0, got {cfg.row_micro_batch}")
     need(cfg.train_local or cfg.train_global, "train_local and train_global are both false")
     steps = cfg.denoising_step_list

@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     info = init_distributed(cfg.device)
     try:
         run = Run(cfg, _run_dir(cfg, args.resume, info), info, args.resume)

@@ -1,0 +1,169 @@
+"""One KVPO training step on the toy default: time per phase, and the group rollout batched over
+shared pages versus one branch at a time from a restored cache clone.
+
+Configuration: ``python -m kvpo.train``'s defaults (the shipped toy model, G = 8 + anchor,
+24-frame videos with switches at 9 and 15, P = 2 routed blocks, 4 Euler steps, fp32).
+
+- ``phases``: median seconds of each phase over ``STEPS`` training steps (rollout, rewards,
+  old / reference / current-policy replays, update), as ``PhaseTimer`` records them; the notes
+  give each phase's share of the step.
+- ``rollout``: the trainer's whole group rollout (prefix, fork, routed window, unrouted
+  continuation to frame 24, switches and recache), three ways on the same weights, noise and
+  plan: ``sequential clone-restore`` (the reference implementation's way: after the prefix the
+  whole cache is cloned, and before each of the G + 1 rows the clone is restored, i.e. copied
+  again, and that row generated alone); ``paged, one row at a time`` (``row_micro_batch=1``: rows
+  forked from the prefix in turn, no copies); ``paged, batched`` (the default: all G + 1 rows in
+  one forward per step over shared pages). Outputs agree (checked). ``held MiB``: K/V bytes held
+  at the rollout's peak.
+
+On CPU the suite runs with one intra-op thread (restored afterwards), as the other suites: the
+development machine's 2 cores are shared.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+
+import pytest
+import torch
+
+from benchmarks.harness import Row, metadata
+from kvpo.config import load_config
+from kvpo.distributed import DistInfo
+from kvpo.generator import load_generator
+from kvpo.metrics import PhaseTimer
+from kvpo.models import generate, recache
+from kvpo.rollout import GroupNoise, noise_seed, rollout_group, segment_text, switch_texts
+from kvpo.routing import plan_routing
+from kvpo.trainer import PHASES, KVPOTrainer
+
+SUITE = "train_step"
+STEPS = 5
+
+
+@pytest.fixture
+def one_cpu_thread(device):
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def trainer(device, one_cpu_thread):
+    cfg = load_config(None, [f"device={device}", "show_progress=false"])
+    return KVPOTrainer(cfg, load_generator(cfg, device), DistInfo(device=device))
+
+
+def _add_row(recorder, device, case, provider, ms, **extra):
+    recorder.rows.setdefault((SUITE, device.type), []).append(
+        Row(SUITE, case, provider, False, ms, ms, ms, None, None, extra)
+    )
+    recorder.meta.setdefault(device.type, metadata(device))
+
+
+def test_phase_breakdown(recorder, device, trainer):
+    per_phase = {p: [] for p in PHASES}
+    totals = []
+    for step in range(STEPS + 1):
+        timer = PhaseTimer(device)
+        trainer.train_step(step, timer)
+        if step == 0:
+            continue  # warm-up
+        for p in PHASES:
+            per_phase[p].append(timer.seconds.get(p, 0.0))
+        totals.append(sum(timer.seconds.values()))
+    total = statistics.median(totals)
+    case = f"toy default step (G={trainer.cfg.K}, median of {STEPS})"
+    _add_row(recorder, device, case, "whole step", total * 1e3)
+    for p in PHASES:
+        med = statistics.median(per_phase[p])
+        _add_row(recorder, device, case, p, med * 1e3, share=f"{100 * med / total:.0f}%")
+
+
+@torch.no_grad()
+def _sequential_clone_restore(t: KVPOTrainer, texts, plan, noise):
+    """The reference implementation's way: clone the cache after the prefix, restore the clone
+    before each row, generate that row alone. Returns ``(latents [G+1, ...], held bytes)``."""
+    cfg, cache, G = t.cfg, t.cache, t.cfg.K
+    fork, end = plan.start_frame, cfg.streaming_max_length
+    (row,) = cache.new_rows(1)
+    prefix = generate(
+        t.model, cache, [row], texts[0], noise.noise[:, :, :fork], sampler=t.sampler,
+        renoise=noise.renoise[:, :, :, :fork],
+        switches=switch_texts(texts, cfg.switch_frames, 0, fork, include_lo=False),
+    ).latents  # fmt: skip
+    text_fork = segment_text(texts, cfg.switch_frames, fork)
+    if fork in cfg.switch_frames:
+        recache(t.model, cache, [row], prefix, text_fork, fork)
+    saved = copy.deepcopy(cache)  # save_state
+    held = 2 * cache.held_bytes
+    outs = []
+    for g in range(G + 1):
+        work = copy.deepcopy(saved)  # restore_state
+
+        def plans(frame, g=g, work=work):
+            if g == G or not plan.in_window(frame):
+                return None
+            return [plan.context_frames(g, frame)]
+
+        out = generate(
+            t.model, work, [row], text_fork, noise.noise[:, :, fork:end], sampler=t.sampler,
+            renoise=noise.renoise[:, :, :, fork:end], start_frame=fork,
+            switches=switch_texts(texts, cfg.switch_frames, fork, end, include_lo=False),
+            history=prefix, plans=plans,
+        )  # fmt: skip
+        held = max(held, saved.held_bytes + work.held_bytes)
+        outs.append(torch.cat([prefix, out.latents], dim=2))
+        del work
+    cache.free([row])
+    return torch.cat(outs), held
+
+
+def test_rollout_batched_vs_one_branch_at_a_time(recorder, device, trainer):
+    t, cfg = trainer, trainer.cfg
+    prompts = t.gen.train_prompts(0, 0)
+    plan = plan_routing(t.geometry, t.chunks, cfg.K, seed=cfg.seed, step=0)
+    C, H, W = t.gen.latent_shape
+    noise = GroupNoise.draw(
+        noise_seed(cfg.seed, 0, 0), (C, cfg.streaming_max_length, H, W),
+        t.schedule.num_steps, device, t.model.dtype,
+    )  # fmt: skip
+    policy_frames = plan.geometry.window_frames
+    with torch.no_grad():
+        texts = [t.gen.encode([p]) for p in prompts]
+
+    def ours(row_batch):
+        with torch.no_grad():
+            ro = rollout_group(
+                t.model, t.cache, texts, cfg.switch_frames, plan, noise, sampler=t.sampler,
+                policy_frames=policy_frames, end_frame=cfg.streaming_max_length,
+                row_batch=row_batch,
+            )  # fmt: skip
+        t.cache.free([ro.snapshot])
+        return ro
+
+    with torch.no_grad():
+        reference, ref_held = _sequential_clone_restore(t, texts, plan, noise)
+    batched, single = ours(0), ours(1)
+    for ro in (batched, single):
+        torch.testing.assert_close(ro.latents, reference, rtol=1e-4, atol=1e-4)
+    case = f"toy group rollout, G={cfg.K} + anchor, fork at frame {plan.start_frame} -> 24"
+    recorder.measure(
+        SUITE, case, "sequential clone-restore", lambda: _sequential_clone_restore(
+            t, texts, plan, noise), device, baseline=True, held_bytes=ref_held,
+    )  # fmt: skip
+    recorder.measure(
+        SUITE, case, "paged, one row at a time", lambda: ours(1), device,
+        held_bytes=max(single.kv_bytes.values()),
+    )  # fmt: skip
+    recorder.measure(
+        SUITE, case, "paged, batched (ours, default)", lambda: ours(0), device,
+        held_bytes=max(batched.kv_bytes.values()),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q", "-s"])
