@@ -119,7 +119,8 @@ class Run:
         with t.ema_weights(cfg.eval_use_ema and tag != "before"):
             scores = evaluate(
                 t.gen, t.cache, t.sampler, t.reward, prompts, cfg.eval_seeds, t.layout,
-                base_seed=cfg.seed, info=self.info, clip_len=cfg.long_reward_normal_clip_len,
+                base_seed=cfg.seed, info=self.info, batch=t.rows_per_batch,
+                clip_len=cfg.long_reward_normal_clip_len,
                 context_timestep=float(cfg.context_noise),
             )  # fmt: skip
         if self.main:

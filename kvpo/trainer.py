@@ -123,13 +123,18 @@ class KVPOTrainer:
         )  # fmt: skip
         self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
+    @property
+    def rows_per_batch(self) -> int:
+        """Cache rows alive at once: ``row_micro_batch`` (rollout, replays, evaluation) or G + 1."""
+        return min(self.cfg.row_micro_batch or self.cfg.K + 1, self.cfg.K + 1)
+
     def _num_pages(self) -> int:
-        """Pages for the largest phase: the snapshot + one micro-batch of rows (rollout, with a
-        recache segment each) or the evaluation batch, each holding the resident frames."""
+        """Pages for the largest phase: the fork snapshot plus one micro-batch of rows, each
+        holding its resident frames and a prompt-switch recache segment (pinned replay views
+        share pages)."""
         cfg = self.cfg
-        rows = min(cfg.row_micro_batch or cfg.K + 1, cfg.K + 1)
         per_row = cfg.resident_frames + cfg.model_kwargs.local_attn_size + cfg.num_frame_per_block
-        return per_row * (max(rows, 16) + 2)
+        return per_row * (self.rows_per_batch + 1)
 
     @contextmanager
     def ema_weights(self, enabled: bool = True) -> Iterator[None]:
@@ -189,15 +194,23 @@ class KVPOTrainer:
         return out[0], out[1], videos
 
     def energies(self, ro, prompts, branches, adapter: str | None) -> torch.Tensor:
-        """Replay energies ``[len(branches)]`` under ``adapter`` (None: adapters disabled)."""
+        """Replay energies ``[len(branches)]`` under ``adapter`` (None: adapters disabled), in
+        micro-batches of :attr:`rows_per_batch` branches (one batch when grad is enabled)."""
         cfg = self.cfg
         scope = active_adapter(self.model, adapter) if adapter else adapters_disabled(self.model)
+        step = len(branches) if torch.is_grad_enabled() else self.rows_per_batch
         with scope:
             texts = [self.gen.encode([p]) for p in prompts]
-            return replay_energies(
-                self.model, self.cache, ro, texts, cfg.switch_frames, self.schedule,
-                self.weights, branches=branches, grad_steps=cfg.log_prob_grad_steps,
-                context_timestep=float(cfg.context_noise),
+            return torch.cat(
+                [
+                    replay_energies(
+                        self.model, self.cache, ro, texts, cfg.switch_frames, self.schedule,
+                        self.weights, branches=branches[i : i + step],
+                        grad_steps=cfg.log_prob_grad_steps,
+                        context_timestep=float(cfg.context_noise),
+                    )
+                    for i in range(0, len(branches), step)
+                ]
             )  # fmt: skip
 
     def objective(self, energy, energy_old, energy_ref, adv, safe) -> policy.PolicyLoss:
@@ -266,12 +279,7 @@ class KVPOTrainer:
                     out.loss.backward()
             else:  # two passes: dL/dE once, then each micro-batch's share with grad
                 with torch.no_grad():
-                    e_cur = torch.cat(
-                        [
-                            self.energies(ro, prompts, branches[i : i + chunk], "default")
-                            for i in range(0, G, chunk)
-                        ]
-                    ).requires_grad_()
+                    e_cur = self.energies(ro, prompts, branches, "default").requires_grad_()
                 out = self.objective(e_cur, e_old, e_ref, adv, safe)
                 skip = any_rank(not bool(torch.isfinite(out.loss)), self.info)
                 if not skip:
