@@ -38,18 +38,19 @@ def test_segment_layout():
 
 
 def test_pretrained_beats_random_weights_on_heldout_prompts(shipped):
-    stories = heldout_prompts(3)
-    seeds = [11, 12, 13]
+    stories = heldout_prompts(8)
+    seeds = list(range(11, 19))
     torch.manual_seed(0)
     random_model = ToyModel(TOY).eval()
     reward = build_reward("toy")
     results = {}
     for name, model in (("pretrained", shipped), ("random", random_model)):
         videos, starts = sample_videos(model, stories, seeds, num_blocks=3)
-        assert videos.shape == (3, 9, 3, 32, 32)
+        assert videos.shape == (8, 9, 3, 32, 32)
         results[name] = score(reward, videos, stories, {"segment_starts": starts})
     good, bad = results["pretrained"], results["random"]
-    # the shipped model is weak (see MODEL_CARD.md): clean background, prompt colours, no shapes
+    # the shipped model is weak (see MODEL_CARD.md): clean background, fragments of the prompt
+    # colour near the right place; most short videos score text alignment 0, so 8 are drawn
     assert good["visual_quality"].mean() > bad["visual_quality"].mean() + 0.15
     assert good["text_alignment"].mean() > bad["text_alignment"].mean()
 

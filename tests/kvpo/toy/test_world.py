@@ -71,7 +71,7 @@ def test_motion_colour_and_switch_follow_the_segments():
 def test_default_lengths_stay_inside_and_long_videos_bounce():
     for seed in range(20):
         frames, _, _ = sample_batch(4, 8, seed=seed)
-        # the shape never touches the border (it is placed so the whole path fits)
+        # the shape never touches the border (its speed is lowered so the path fits)
         border = torch.cat(
             [frames[..., 0, :], frames[..., -1, :], frames[..., :, 0], frames[..., :, -1]], -1
         )
@@ -136,3 +136,22 @@ def test_tokenizer_and_text_encoder():
     assert states.shape == (2, 8, 16)
     assert torch.equal(states[:, 5:], torch.zeros(2, 3, 16))
     assert not torch.allclose(states[0, 1], states[1, 1])  # 'red' vs 'blue'
+
+
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_start_is_set_by_the_first_direction(direction):
+    """First frame: near the border opposite the motion, centred on the other axis (+- 2 px)."""
+    story = [Segment("red", "circle", direction), Segment("blue", "square", "up")]
+    dx, dy = DIRECTIONS[direction]
+    for seed in range(8):
+        video = generate_video(story, [12, 12], seed=seed)
+        x, y = _pixel_centroids(video.frames[:1])[0]
+        near = video.radius + 1.0  # radius + margin: the closest a centre gets to a border
+        for pos, d in ((x, dx), (y, dy)):
+            if d > 0:
+                assert near - 0.5 <= pos <= near + 2.5
+            elif d < 0:
+                assert 32 - near - 2.5 <= pos <= 32 - near + 0.5
+            else:
+                assert abs(pos - 16) <= 2.5
+        assert 5.0 <= video.radius <= 6.0
