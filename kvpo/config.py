@@ -87,9 +87,17 @@ class TrainConfig:
 
     # model and checkpoints
     generator_ckpt: str | None = _f(
-        None, "base model checkpoint; empty = the toy model shipped in kvpo/toy/weights", "model"
+        None,
+        "base model: empty = the toy model shipped in kvpo/toy/weights, a toy-format directory, "
+        "or a Wan checkpoint (diffusers dir, Self-Forcing/LongLive/MemFlow .pt/.safetensors)",
+        "model",
     )
     lora_ckpt: str | None = _f(None, "LoRA weights to start from (peft or LongLive naming)")
+    wan_model_path: str | None = _f(
+        None,
+        "Wan2.1 directory (diffusers layout: text_encoder/, tokenizer/, vae/) for a Wan "
+        "generator_ckpt; local files only",
+    )
     device: str = _f("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'")
     dtype: str = _f("float32", "compute dtype: float32, bfloat16 or float16")
     kernel_backend: str = _f("auto", "kvpo_kernels backend: auto, torch, triton or cpp")
@@ -116,7 +124,9 @@ class TrainConfig:
         "9, 15", "frames where the next prompt segment starts (comma separated)"
     )
     data_path: str | None = _f(None, "training prompt file (.txt or .jsonl); empty = toy prompts")
-    eval_data_path: str | None = _f(None, "held-out prompt file; empty = toy held-out prompts")
+    eval_data_path: str | None = _f(
+        None, "held-out prompt file; empty = the last eval_prompts of data_path, or the toy's"
+    )
     # exploration
     K: int = _f(8, "G: routed branches per group (plus one unrouted anchor)", "exploration (CHR)")
     m_nearest_frames: int = _f(4, "nearest frames kept in every routed context (block included)")

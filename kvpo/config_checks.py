@@ -27,6 +27,11 @@ CHOICES = {
 }
 
 
+def is_toy_dir(path: str) -> bool:
+    """Whether ``path`` is a toy-format model directory (config.json + model.safetensors)."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+
+
 def routing_geometry(cfg: TrainConfig) -> RoutingGeometry:
     return RoutingGeometry(
         num_frame_per_block=cfg.num_frame_per_block,
@@ -135,6 +140,15 @@ def _files(cfg: TrainConfig, resume: str | None) -> list[str]:
         value = getattr(cfg, key)
         if value is not None and not Path(value).exists():
             problems.append(f"{key}: checkpoint path {value!r} does not exist")
+    if cfg.generator_ckpt is not None and not is_toy_dir(cfg.generator_ckpt):
+        if cfg.wan_model_path is None or not Path(cfg.wan_model_path).is_dir():
+            problems.append(
+                f"generator_ckpt {cfg.generator_ckpt!r} is a Wan checkpoint: wan_model_path must "
+                f"name a local Wan2.1 directory (text_encoder/, tokenizer/, vae/), got "
+                f"{cfg.wan_model_path!r}"
+            )
+        if cfg.data_path is None:
+            problems.append("a Wan generator_ckpt needs data_path (the toy prompts are toy-only)")
     max_segments = len(cfg.switch_frames) + 1 if not _layout(cfg) else None
     for key in ("data_path", "eval_data_path"):
         value = getattr(cfg, key)

@@ -4,7 +4,8 @@ Each held-out video is a ``(prompt sequence, seed)`` pair: generated unrouted fr
 (the deployment setting: sink + window cache, prompt switches with recache) with noise drawn
 from ``(base seed, prompt index, seed index)`` only, so the video before and after training
 differs only by the weights. It is scored with the global reward (one clip per segment, its own
-prompt; :mod:`kvpo.scoring`). Pairs are split over ranks and gathered.
+prompt; :mod:`kvpo.scoring`). Pairs are split over ranks and gathered. ``layout`` is in latent
+frames.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def evaluate(
         seqs = [prompts[p] for p, _ in chunk]
         seeds = [rank_seed(base_seed, 10_000 + p, stream=s) for p, s in chunk]
         videos = generate_videos(gen, cache, sampler, seqs, seeds, layout, context_timestep)
-        clips = [global_clips(layout, seq, clip_len) for seq in seqs]
+        clips = [global_clips(layout.mapped(gen.video_frame), seq, clip_len) for seq in seqs]
         values = score_clips(reward, videos, clips)
         for i, pair in enumerate(chunk):
             scores[pair] = {k: float(v[i]) for k, v in values.items()}

@@ -1,5 +1,8 @@
 """Rewards of generated videos: the local (forked chunk) and global (per-segment clips) signals.
 
+Frames here are frames of the decoded video (:meth:`VideoLayout.mapped` converts a layout in
+latent frames).
+
 method.md section 4: the **local** reward scores the chunk the group forked in; the **global**
 reward scores the whole video as one clip per prompt segment, each with its own prompt (centred
 in its segment, ``clip_len`` frames, or the whole segment when ``clip_len`` is 0), averaged over
@@ -29,6 +32,10 @@ class VideoLayout:
 
     def segment_of(self, frame: int) -> int:
         return sum(1 for s in self.switches if s <= frame)
+
+    def mapped(self, frame: Callable[[int], int]) -> VideoLayout:
+        """The same layout with every frame boundary mapped by ``frame`` (latent -> video)."""
+        return VideoLayout(frame(self.num_frames), tuple(frame(s) for s in self.switches))
 
     def segments(self, num_prompts: int) -> list[tuple[int, int]]:
         """``[lo, hi)`` frames of each of the first ``num_prompts`` segments (the last one runs

@@ -87,6 +87,7 @@ class KVPOTrainer:
         self.geometry = routing_geometry(cfg)
         self.chunks = video_chunks(cfg)
         self.layout = VideoLayout(cfg.streaming_max_length, tuple(cfg.switch_frames))
+        self.video_layout = self.layout.mapped(gen.video_frame)  # frames of decoded videos
         self.reward = build_reward(cfg.reward_model)
         self._setup_adapters()
         self.cache = FrameCache.create(
@@ -180,9 +181,11 @@ class KVPOTrainer:
         videos = self.gen.decode(ro.latents)
         chunk = self.chunks[ro.plan.chunk_index]
         out = []
+        frame, layout = self.gen.video_frame, self.video_layout
+        local = clip_for(layout, prompts, frame(chunk.start_frame), frame(chunk.end_frame))
         for use, clips in (
-            (cfg.train_local, [clip_for(self.layout, prompts, chunk.start_frame, chunk.end_frame)]),
-            (cfg.train_global, global_clips(self.layout, prompts, cfg.long_reward_normal_clip_len)),
+            (cfg.train_local, [local]),
+            (cfg.train_global, global_clips(layout, prompts, cfg.long_reward_normal_clip_len)),
         ):
             if not use:
                 out.append(None)
