@@ -163,7 +163,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute grad-carrying replay forwards")
     # optimisation
     lr: float = _f(
-        1e-3, "AdamW learning rate (method: 1e-5 at rank 256 on Wan-1.3B)", "optimisation"
+        1e-4, "AdamW learning rate (method: 1e-5 at rank 256 on Wan-1.3B)", "optimisation"
     )
     lr_scheduler: str = _f("constant_with_warmup", "constant, constant_with_warmup, cosine, linear")
     lr_warmup_steps: int = _f(5, "linear warmup steps")
