@@ -53,6 +53,19 @@ from kvpo.scoring import VideoLayout, clip_for, global_clips, score_clips
 PHASES = ("rollout", "rewards", "replay_old", "replay_ref", "replay_grad", "update")
 
 
+@torch.no_grad()
+def merge_lora_into_base(model, source) -> None:
+    """Add an external LoRA (:func:`kvpo.models.lora.import_lora` formats) to the base weights,
+    ``W += scale * B @ A``, and drop it: the reference policy (adapters disabled) is then the
+    starting model, as in LongLive / MemFlow KVPO where the LoRA is part of the generator."""
+    import_lora(model, source, adapter="imported")
+    for module in model.transformer.modules():
+        if "imported" in getattr(module, "lora_A", {}):
+            base = module.get_base_layer()
+            base.weight += module.get_delta_weight("imported").to(base.weight.dtype)
+    model.transformer.delete_adapters("imported")
+
+
 class SkippedStep(RuntimeError):
     """A step whose rewards or loss were not finite (skipped on every rank)."""
 
@@ -105,9 +118,7 @@ class KVPOTrainer:
     def _setup_adapters(self) -> None:
         cfg = self.cfg
         if cfg.lora_ckpt is not None:  # a starting LoRA becomes part of the frozen base
-            import_lora(self.model, cfg.lora_ckpt, adapter="imported")
-            self.model.transformer.fuse_lora(adapter_names=["imported"])
-            self.model.transformer.delete_adapters(["imported"])
+            merge_lora_into_base(self.model, cfg.lora_ckpt)
         targets = cfg.adapter.target_modules or None
         kwargs = {"targets": targets} if targets else {}
         add_lora(
