@@ -333,7 +333,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise _unknown(part, cls, ".".join(parts[:i]) + ("." if i else ""))
             hint = _hints(cls)[part]
             if i == len(parts) - 1:
-                node[part] = yaml.safe_load(text) if text.strip() else ""
+                try:
+                    node[part] = yaml.safe_load(text) if text.strip() else ""
+                except yaml.YAMLError as err:
+                    raise ConfigError(f"{key}: cannot read the value {text!r} ({err})") from err
             elif dataclasses.is_dataclass(hint):
                 node = node.setdefault(part, {})
                 cls = hint

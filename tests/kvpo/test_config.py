@@ -43,6 +43,7 @@ def test_round_trip(tmp_path):
         (["train_local=maybe"], "train_local must be true or false"),
         (["lr.x=1"], "lr has no sub-keys"),
         (["K"], "override must look like key=value"),
+        (["denoising_step_list=[1000,"], "denoising_step_list: cannot read the value '[1000,'"),
     ],
 )
 def test_bad_overrides(overrides, message):
