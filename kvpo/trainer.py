@@ -102,6 +102,7 @@ class KVPOTrainer:
         self.layout = VideoLayout(cfg.streaming_max_length, tuple(cfg.switch_frames))
         self.video_layout = self.layout.mapped(gen.video_frame)  # frames of decoded videos
         self.reward = build_reward(cfg.reward_model)
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing  # grad-carrying replays
         self._setup_adapters()
         self.cache = FrameCache.create(
             self.model.config,
