@@ -7,8 +7,8 @@ bf16, 64 pages in the pool, 8 pages copied (one per branch). GPU: 30 layers, 156
 import pytest
 import torch
 
+from benchmarks.harness import compiled_backends
 from kvpo_kernels import copy_pages
-from kvpo_kernels.registry import unavailable_reason
 
 SUITE = "copy_pages"
 
@@ -36,11 +36,7 @@ def test_copy_pages(recorder, device):
         baseline=True,
         bytes_moved=moved,
     )
-    for backend in ("cpp", "triton"):
-        if unavailable_reason(backend, device.type) is not None or (
-            backend == "triton" and device.type == "cpu"
-        ):
-            continue  # the interpreter's timings mean nothing
+    for backend in compiled_backends(device):
         row = recorder.measure(
             SUITE,
             case,

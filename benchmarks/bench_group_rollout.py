@@ -144,15 +144,6 @@ def _assert_agree(out, ref):
         assert rel < 0.05, f"providers disagree: mean relative difference {float(rel):.3f}"
 
 
-@pytest.fixture
-def one_cpu_thread(device):
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("size", ["tiny", "mid", "wan1.3b-10-layers"])
 def test_group_rollout(recorder, device, size, one_cpu_thread):
     configs = GPU_CONFIGS if device.type == "cuda" else CONFIGS

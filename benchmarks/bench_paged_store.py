@@ -21,8 +21,8 @@ tokens, 96 MB per frame. M = 3 frames (one block); N = 6 and 24.
 import pytest
 import torch
 
+from benchmarks.harness import compiled_backends
 from kvpo_kernels import PagedKVStore, write_pages
-from kvpo_kernels.registry import unavailable_reason
 
 SUITE = "paged_store"
 G, M = 8, 3
@@ -198,11 +198,7 @@ def test_write_pages(recorder, device):
         baseline=True,
         bytes_moved=moved,
     )
-    for backend in ("cpp", "triton"):
-        if unavailable_reason(backend, device.type) is not None or (
-            backend == "triton" and device.type == "cpu"
-        ):
-            continue  # the interpreter's timings mean nothing
+    for backend in compiled_backends(device):
         row = recorder.measure(
             "write_pages",
             case,

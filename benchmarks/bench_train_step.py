@@ -45,15 +45,6 @@ STEPS = 5
 
 
 @pytest.fixture
-def one_cpu_thread(device):
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def trainer(device, one_cpu_thread):
     cfg = load_config(None, [f"device={device}", "show_progress=false"])
     return KVPOTrainer(cfg, load_generator(cfg, device), DistInfo(device=device))

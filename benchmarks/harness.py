@@ -194,3 +194,18 @@ def bench_device() -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compiled_backends(device: torch.device) -> list[str]:
+    """The non-reference backends whose timings mean something on ``device``.
+
+    ``cpp`` and ``triton`` where usable; Triton under the CPU interpreter is left out.
+    """
+    from kvpo_kernels.registry import unavailable_reason
+
+    return [
+        b
+        for b in ("cpp", "triton")
+        if unavailable_reason(b, device.type) is None
+        and not (b == "triton" and device.type == "cpu")
+    ]
