@@ -28,7 +28,7 @@ import torch
 from kvpo.models.causal_wan import CausalWan, cast_transformer
 from kvpo.models.config import WAN_1_3B, WanConfig
 
-CHECKPOINT_KEYS = ("generator_ema", "generator", "model", "state_dict", "module")
+CHECKPOINT_KEYS = ("generator", "generator_ema", "model", "state_dict", "module")
 WRAPPER_PREFIXES = (
     "_fsdp_wrapped_module.",
     "_orig_mod.",
@@ -107,21 +107,25 @@ def unwrap_checkpoint(obj, key: str | None = None, use_ema: bool = False) -> dic
     Args:
         obj: a loaded checkpoint: a flat ``{name: tensor}`` dict or a dict holding one under
             ``generator`` / ``generator_ema`` / ``model`` / ``state_dict``.
-        key: the sub-dict to take (default: ``generator_ema`` when ``use_ema``, else the first of
-            ``generator``, ``model``, ``state_dict``, ``module`` present).
+        key: the sub-dict to take (default: ``generator_ema`` when ``use_ema``, which must then
+            exist; else the first of ``generator``, ``generator_ema``, ``model``, ``state_dict``,
+            ``module`` present -- the order of the LongLive / MemFlow KVPO trainers).
     """
     if not isinstance(obj, Mapping):
         raise TypeError(f"a checkpoint must be a dict, got {type(obj).__name__}")
+    if key is None and use_ema:
+        key = "generator_ema"
     if key is None and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return dict(obj)
     if key is None:
-        order = ("generator_ema",) if use_ema else ()
-        order += tuple(k for k in CHECKPOINT_KEYS if k != "generator_ema")
-        key = next((k for k in order if isinstance(obj.get(k), Mapping)), None)
+        key = next((k for k in CHECKPOINT_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
+            hint = " (a LoRA checkpoint: import it with lora.import_lora)" * any(
+                "lora" in str(k) for k in obj
+            )
             raise KeyError(
                 f"no weights found: the checkpoint's top-level keys are {sorted(obj)[:20]}; "
-                f"expected tensors or one of {list(CHECKPOINT_KEYS)} (use_ema={use_ema})"
+                f"expected tensors or one of {list(CHECKPOINT_KEYS)}{hint}"
             )
     if key not in obj:
         raise KeyError(f"checkpoint has no {key!r}; its top-level keys are {sorted(obj)[:20]}")

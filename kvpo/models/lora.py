@@ -9,9 +9,17 @@ adapter's ``requires_grad`` on exit.
 Cross-attention keys/values of encoded prompts (``CausalWan.encode_text``) depend on the
 ``attn2.to_k`` / ``attn2.to_v`` adapters: encode prompts again under each adapter state.
 
-External LoRA checkpoints (LongLive, MemFlow: peft state dicts of the original Wan modules, e.g.
-``base_model.model.blocks.0.self_attn.q.lora_A.weight`` under ``generator_lora``) map onto the
-same modules by :func:`import_lora`.
+External LoRA checkpoints map onto the same modules by :func:`import_lora`. LongLive and MemFlow
+(and KVPO trained on them) write the same format: ``peft.get_peft_model_state_dict`` of a
+``PeftModel`` wrapping the original ``CausalWanModel``, LoRA on every ``nn.Linear`` of every block
+(``self_attn.{q,k,v,o}``, ``cross_attn.{q,k,v,o}``, ``ffn.0``, ``ffn.2``), rank 256, alpha 256,
+keys ``base_model.model.blocks.<i>.self_attn.q.lora_A.weight`` (``[r, in]``) / ``...lora_B.weight``
+(``[out, r]``), stored under ``generator_lora`` next to non-weight entries (``step``,
+``critic_lora``, ``optimizer``, ``lr_scheduler``, ...). A KVPO checkpoint also holds
+``initial_generator_lora`` (same format) and ``ema``: the EMA of the trainable parameters under
+the wrapper's names (``model.base_model.model.blocks.0.self_attn.q.lora_A.default.weight``,
+fp32); pick those with ``key=``. MemFlow's memory bank has no weights (it stores past keys/values),
+so MemFlow and LongLive checkpoints hold the same modules.
 """
 
 from __future__ import annotations
@@ -179,13 +187,16 @@ def import_lora(
             optional adapter names (``lora_A.default.weight``) and wrapper prefixes.
         alpha: LoRA alpha the adapter was trained with (default: its rank, LongLive's default).
         key: the sub-dict holding the weights (default: the first of
-            ``generator_lora``, ``lora``, ``generator``, ``model``, ``state_dict`` present).
+            ``generator_lora``, ``lora``, ``generator``, ``model``, ``state_dict`` present;
+            ``initial_generator_lora`` or ``ema`` for those of a KVPO checkpoint).
 
     Returns:
         The rank.
     """
     raw = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
     weights = _lora_weights(raw, key)
+    if not weights:
+        raise CheckpointMismatch("the LoRA checkpoint holds no weights")
     ranks = {v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight")}
     if len(ranks) != 1:
         raise CheckpointMismatch(f"LoRA checkpoint mixes ranks {sorted(ranks)}; expected one")
@@ -225,18 +236,20 @@ def _lora_weights(raw: Mapping, key: str | None) -> dict[str, torch.Tensor]:
         parts = rest.split(".")  # "A.weight" or "A.<adapter>.weight"
         out[(module, f"lora_{parts[0]}.{parts[-1]}")] = tensor
     modules = {m for m, _ in out}
-    for prefix in _LORA_PREFIXES:
-        if all(m.startswith(prefix) for m in modules):
-            modules = {m[len(prefix) :] for m in modules}
-            out = {(m[len(prefix) :], p): v for (m, p), v in out.items()}
+    # shared prefixes nest: ``model.base_model.model.`` (the EMA of a wrapped peft model)
+    while modules and (
+        prefix := next((p for p in _LORA_PREFIXES if all(m.startswith(p) for m in modules)), "")
+    ):
+        modules = {m[len(prefix) :] for m in modules}
+        out = {(m[len(prefix) :], p): v for (m, p), v in out.items()}
     if is_original_naming(modules):
-        mapped = {}
-        for (module, param), tensor in out.items():
-            new = original_to_diffusers(module)
-            if new is None:
-                raise CheckpointMismatch(f"LoRA module {module!r} has no diffusers counterpart")
-            mapped[(new, param)] = tensor
-        out = mapped
+        unknown = sorted(m for m in modules if original_to_diffusers(m) is None)
+        if unknown:
+            raise CheckpointMismatch(
+                f"{len(unknown)} LoRA target modules in original Wan naming have no diffusers "
+                f"counterpart in this model: {unknown[:8]}"
+            )
+        out = {(original_to_diffusers(m), p): v for (m, p), v in out.items()}
     return {f"{m}.{p}": v for (m, p), v in out.items()}
 
 
