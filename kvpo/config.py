@@ -93,6 +93,9 @@ class TrainConfig:
         "model",
     )
     lora_ckpt: str | None = _f(None, "LoRA weights to start from (peft or LongLive naming)")
+    lora_ckpt_alpha: float | None = _f(
+        None, "alpha of lora_ckpt (scale alpha / rank); empty = its rank, as LongLive and MemFlow"
+    )
     wan_model_path: str | None = _f(
         None,
         "Wan2.1 directory (diffusers layout: text_encoder/, tokenizer/, vae/) for a Wan "

@@ -54,11 +54,12 @@ PHASES = ("rollout", "rewards", "replay_old", "replay_ref", "replay_grad", "upda
 
 
 @torch.no_grad()
-def merge_lora_into_base(model, source) -> None:
+def merge_lora_into_base(model, source, alpha: float | None = None) -> None:
     """Add an external LoRA (:func:`kvpo.models.lora.import_lora` formats) to the base weights,
     ``W += scale * B @ A``, and drop it: the reference policy (adapters disabled) is then the
-    starting model, as in LongLive / MemFlow KVPO where the LoRA is part of the generator."""
-    import_lora(model, source, adapter="imported")
+    starting model, as in LongLive / MemFlow KVPO where the LoRA is part of the generator.
+    ``alpha``: the LoRA's alpha (None: its rank)."""
+    import_lora(model, source, alpha=alpha, adapter="imported")
     for module in model.transformer.modules():
         if "imported" in getattr(module, "lora_A", {}):
             base = module.get_base_layer()
@@ -119,7 +120,7 @@ class KVPOTrainer:
     def _setup_adapters(self) -> None:
         cfg = self.cfg
         if cfg.lora_ckpt is not None:  # a starting LoRA becomes part of the frozen base
-            merge_lora_into_base(self.model, cfg.lora_ckpt)
+            merge_lora_into_base(self.model, cfg.lora_ckpt, cfg.lora_ckpt_alpha)
         targets = cfg.adapter.target_modules or None
         kwargs = {"targets": targets} if targets else {}
         add_lora(

@@ -24,6 +24,7 @@ so MemFlow and LongLive checkpoints hold the same modules.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -185,7 +186,9 @@ def import_lora(
             ``generator_lora`` holding ``base_model.model.blocks.0.self_attn.q.lora_A.weight``),
             or in diffusers naming (``transformer.blocks.0.attn1.to_q.lora_A.weight``), with
             optional adapter names (``lora_A.default.weight``) and wrapper prefixes.
-        alpha: LoRA alpha the adapter was trained with (default: its rank, LongLive's default).
+        alpha: LoRA alpha the adapter was trained with (default: ``lora_alpha`` of an
+            ``adapter_config.json`` beside a peft ``save_pretrained`` file, else its rank,
+            LongLive's and MemFlow's default).
         key: the sub-dict holding the weights (default: the first of
             ``generator_lora``, ``lora``, ``generator``, ``model``, ``state_dict`` present;
             ``initial_generator_lora`` or ``ema`` for those of a KVPO checkpoint).
@@ -194,6 +197,10 @@ def import_lora(
         The rank.
     """
     raw = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+    if alpha is None and isinstance(source, (str, Path)):
+        peft_config = Path(source).parent / "adapter_config.json"
+        if peft_config.is_file():
+            alpha = json.loads(peft_config.read_text())["lora_alpha"]
     weights = _lora_weights(raw, key)
     if not weights:
         raise CheckpointMismatch("the LoRA checkpoint holds no weights")

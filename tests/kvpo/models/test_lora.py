@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from kvpo.checkpoint import export_adapter
 from kvpo.models.lora import (
     active_adapter,
     adapters_disabled,
@@ -24,6 +25,7 @@ TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_at
 DIFFUSERS = dict(zip(TARGETS, ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                                "ffn.net.0.proj", "ffn.net.2"]))  # fmt: skip
+TARGETS_DIFFUSERS = list(DIFFUSERS.values())
 
 
 def _outputs(model, seed=0):
@@ -136,3 +138,19 @@ def test_lora_state_dict_round_trip():
     torch.testing.assert_close(_outputs(other), out)
     with pytest.raises(ValueError, match="missing"):
         load_lora_state_dict(other, {k: v for k, v in list(saved.items())[1:]})
+
+
+def test_import_reads_alpha_of_a_peft_save_pretrained_directory(tmp_path):
+    """A peft ``save_pretrained`` adapter carries its alpha in ``adapter_config.json``."""
+    trained = random_model()
+    add_lora(trained, rank=4, alpha=2.0, targets=TARGETS_DIFFUSERS)
+    with torch.no_grad():
+        for p in lora_parameters(trained).values():
+            p.normal_(0, 0.3)
+    export_adapter(trained, tmp_path)  # peft's adapter_config.json + adapter_model.safetensors
+    fresh = random_model()
+    import_lora(fresh, tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(_outputs(fresh), _outputs(trained), atol=1e-5, rtol=1e-4)
+    scale_one = random_model()
+    import_lora(scale_one, tmp_path / "adapter_model.safetensors", alpha=4.0)
+    assert (_outputs(scale_one) - _outputs(trained)).abs().max() > 1e-3  # alpha matters
