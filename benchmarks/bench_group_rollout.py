@@ -5,9 +5,14 @@ routed window (``WINDOW`` blocks of 3 frames, 4 denoising steps + a context pass
 ``g < G`` attends to sink ++ 5 random older frames ++ the nearest frames; the anchor to the
 default sink + window. Providers, measured in the same run on the same weights, noise and plans:
 
-- ``sequential restore`` (baseline, the reference implementation's way): one branch at a time;
-  before each branch the dense per-layer cache is restored from the host snapshot; every
-  forward gathers the routed frames from the dense cache and runs SDPA over them and the block.
+- ``sequential restore`` (baseline, the reference implementation's way, as in the KVPO authors'
+  LongLive code: ``trainer/kvpo.py`` rollout, ``pipeline/diversity_sampling.py`` save/restore,
+  ``wan/modules/causal_model.py`` attention): one branch at a time over a dense per-layer cache
+  of ``resident_frames`` capacity; the state is saved to the host and deep-copied before the
+  fork, and restored into the device cache before each branch; every attention call clones the
+  layer's whole cache, writes the block's K/V into the clone, gathers the routed older frames
+  (once per block and layer, as the reference caches them), concatenates sink ++ routed ++
+  nearest ++ block and runs SDPA; the context pass commits the block's K/V into the cache.
 - ``batched dense clones``: the naive way to batch: every row gets its own dense clone of the
   history, one forward per step for all rows.
 - ``paged shared (ours)``: rows forked from the history in a ``PagedKVStore`` (no K/V copies),
@@ -16,9 +21,11 @@ default sink + window. Providers, measured in the same run on the same weights, 
 - ``paged, one row at a time (ours)``: each row forked, generated and freed in turn (least
   memory: the history once plus one row's private frames; no copies).
 
-``held MiB``: K/V bytes held at the rollout's peak (the history snapshot, clones and private
-frames; for the paged store its pages in use). ``peak MiB``: the harness's peak of allocations
-during the call (the paged pool is allocated beforehand). The outputs of all providers agree
+``held MiB``: K/V bytes held at the rollout's peak (for the reference: the device cache and the
+two host copies; for the clones: the snapshot and the clones; for the paged store its pages in
+use; the reference's per-call clone of one layer is transient and shows in ``peak MiB`` only).
+``peak MiB``: the harness's peak of allocations during the call (the paged pool is allocated
+beforehand). The outputs of all providers agree
 (checked). Shapes (CPU): ``tiny`` = the toy configuration (dim 64, 2 layers, 64 tokens/frame);
 ``mid`` = dim 256 (4 heads x 64), 4 layers, ffn 1024, 16 latent channels, 64 tokens/frame; fp32.
 GPU (bf16): ``mid`` and ``wan1.3b-10-layers`` (Wan2.1-1.3B layers, 1560 tokens/frame, 10 of
@@ -121,6 +128,104 @@ class DenseContext:
         return out.transpose(1, 2)
 
 
+class ReferenceBranchCache:
+    """The reference's dense cache of one branch: per layer ``[1, capacity, H, D]`` K and V.
+
+    Shaped like the host snapshot (``resident_frames`` capacity); ``restore`` copies it in;
+    ``context`` serves the block's attention calls the reference's way (see the module
+    docstring). No rolling: the benchmark's history and window fit the capacity, as they do in
+    the reference before its cache fills.
+    """
+
+    def __init__(self, snapshot: DenseCache, device):
+        self.k = [torch.empty_like(t, device=device) for t in snapshot.k]
+        self.v = [torch.empty_like(t, device=device) for t in snapshot.v]
+        self.per_frame, self.snapshot = snapshot.per_frame, snapshot
+
+    def restore(self):
+        """Copy the host snapshot into the device cache (``restore_state``)."""
+        for dst, src in zip(self.k + self.v, self.snapshot.k + self.snapshot.v):
+            dst.copy_(src)
+        self.frames = list(self.snapshot.frames)
+
+    def context(self, plan, start_frame, writes):
+        return ReferenceContext(self, plan, start_frame, writes)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class ReferenceContext:
+    """One forward's attention calls: clone the layer cache, write, concatenate, SDPA."""
+
+    def __init__(self, cache, plan, start_frame, writes):
+        self.cache, self.start_frame, self.writes = cache, start_frame, writes
+        n, slot = cache.per_frame, {f: i for i, f in enumerate(cache.frames)}
+        sink, *older, nearest = plan
+        self.sink = slot[sink[-1]] * n + n
+        self.older = torch.cat([torch.arange(slot[f] * n, slot[f] * n + n) for f in older])
+        self.nearest = slot[nearest[0]] * n
+
+    def attend(self, layer, q, k, v):
+        cache, end = self.cache, len(self.cache.frames) * self.cache.per_frame
+        temp_k, temp_v = cache.k[layer].clone(), cache.v[layer].clone()
+        temp_k[:, end : end + k.shape[1]], temp_v[:, end : end + k.shape[1]] = k, v
+        routed = cache.routed.get((self.start_frame, layer))
+        if routed is None:
+            routed = temp_k[:, self.older].clone(), temp_v[:, self.older].clone()
+            cache.routed[(self.start_frame, layer)] = routed
+        recent = slice(self.nearest, end + k.shape[1])  # nearest cached frame ++ the block
+        keys = torch.cat([temp_k[:, : self.sink], routed[0], temp_k[:, recent]], 1)
+        values = torch.cat([temp_v[:, : self.sink], routed[1], temp_v[:, recent]], 1)
+        if self.writes:
+            cache.k[layer][:, end : end + k.shape[1]] = k
+            cache.v[layer][:, end : end + k.shape[1]] = v
+            if layer == len(cache.k) - 1:
+                cache.frames += range(
+                    self.start_frame, self.start_frame + k.shape[1] // cache.per_frame
+                )
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, keys, values)))
+        return out.transpose(1, 2)
+
+
+def _reference_rollout(model, history, text, noise, renoise, plans, rows_n):
+    """The reference: ``save_state`` to the host and its deep copy, then per branch restore."""
+    pad = (0, 0, 0, 0, 0, (POLICY.resident_frames - len(history.frames)) * history.per_frame)
+
+    def host_copy(cache):  # the reference saves the whole preallocated cache, unused slots too
+        return DenseCache(
+            [F.pad(t, pad).cpu() for t in cache.k],
+            [F.pad(t, pad).cpu() for t in cache.v],
+            cache.frames,
+            cache.per_frame,
+        )
+
+    saved = host_copy(history)  # save_state
+    state = DenseCache(  # kv_state_before_fork = copy.deepcopy(saved_state)
+        [t.clone() for t in saved.k], [t.clone() for t in saved.v], saved.frames, saved.per_frame
+    )
+    cache = ReferenceBranchCache(state, noise.device)
+    sampler, outs = FewStepSampler(), []
+    for g in range(rows_n):
+        cache.restore()
+        cache.routed, out = {}, []
+        for f0 in sorted(plans):
+            lo, plan = f0 - HISTORY, _split_plan(plans[f0][g])
+            x, xi = noise[g : g + 1, :, lo : lo + 3], renoise[:, g : g + 1, :, lo : lo + 3]
+            x0, _ = sampler.denoise_block(model, x, text, f0, cache.context(plan, f0, False), xi)
+            model.write_context(x0, text, f0, cache.context(plan, f0, True))
+            out.append(x0)
+        outs.append(torch.cat(out, dim=2))
+    held = cache.nbytes() + saved.nbytes() + state.nbytes()
+    return torch.cat(outs), held
+
+
+def _split_plan(frames):
+    """A plan ``sink ++ older ++ [nearest]`` as ``(sink, *older, [nearest])``."""
+    sink = frames[: POLICY.sink_size]
+    return (sink, *frames[POLICY.sink_size : -1], frames[-1:])
+
+
 def _dense_rollout(model, history, text, noise, renoise, plans, rows):
     """Rows ``rows`` (indices into the group) in one batch over dense clones of the history."""
     cache = history.clone(len(rows), WINDOW * 3, noise.device)
@@ -180,12 +285,7 @@ def test_group_rollout(recorder, device, size, one_cpu_thread):
     frame_bytes = 2 * cfg.num_layers * per_frame * cfg.dim * cache.store.pool.element_size()
 
     def sequential():
-        outs, held = [], 0
-        for g in range(rows_n):
-            out, nbytes = _dense_rollout(model, history, text, noise, renoise, plans, [g])
-            outs.append(out)
-            held = max(held, nbytes)
-        return torch.cat(outs), held
+        return _reference_rollout(model, history, text, noise, renoise, plans, rows_n)
 
     def batched_clones():
         return _dense_rollout(model, history, text, noise, renoise, plans, list(range(rows_n)))
