@@ -1,6 +1,6 @@
 """Pretrain the toy model: teacher-forced, block-causal flow matching on generated videos.
 
-``python -m kvpo.toy.pretrain [--steps N] [--batch B] [--run-dir DIR] [--out DIR]``
+``python -m kvpo.toy.pretrain [--steps N[,N2,...]] [--batch B] [--run-dir DIR] [--out DIR]``
 
 Per step, ``B`` fresh training videos (:func:`kvpo.toy.world.sample_batch`, seeded by the step)
 of 8 blocks are mapped to latents ``x0 = 2 * frames - 1``. Block ``b`` is learned from its
@@ -13,7 +13,12 @@ keys/values become the context of the following blocks (sink + newest frames, th
 on the sentence of its prompt segment. Loss: mean squared velocity error over all blocks.
 
 AdamW (lr 2e-3, 50 warmup steps, constant, then linear decay to 10% over the last 40% of the
-steps), grad-norm clip 1. A checkpoint with the optimizer and step goes to ``--run-dir`` every
+steps), grad-norm clip 1. ``--steps 400,700,2500`` (the default: the shipped weights' recipe)
+runs stages: each stage ends at its step count, and the learning rate of a step follows the
+schedule of the stage it is in (steps 400-699 go back to the peak lr, then decay over the
+last 40% of the 700, and so on), as when a run is resumed with a larger ``--steps``.
+
+A checkpoint with the optimizer and step goes to ``--run-dir`` every
 ``--save-every`` steps; rerunning the same command resumes from it (data and noise are functions
 of the seed and step, so a resumed run matches an uninterrupted one). At the end the weights go
 to ``--out`` (default: the package's weights).
@@ -118,8 +123,12 @@ def teacher_forced_loss(
     return torch.stack(losses).mean()
 
 
-def _lr_factor(step: int, total: int, warmup: int = 50, decay: float = 0.4) -> float:
-    """Linear warmup, constant, then linear decay to 10% over the last ``decay`` of the steps."""
+def _lr_factor(step: int, stages: list[int], warmup: int = 50, decay: float = 0.4) -> float:
+    """Linear warmup, constant, then linear decay to 10% over the last ``decay`` of the steps of
+    the stage (``stages``: increasing step counts) that ``step`` falls in. ``step`` counts the
+    optimizer steps already taken; the step right after a stage's end keeps that stage's final
+    factor, as a run resumed from the stage's checkpoint does (the optimizer state holds it)."""
+    total = next((t for t in stages if step <= t), stages[-1])
     start = int(total * (1 - decay))
     if step < warmup:
         return (step + 1) / warmup
@@ -128,14 +137,36 @@ def _lr_factor(step: int, total: int, warmup: int = 50, decay: float = 0.4) -> f
     return 1.0 - 0.9 * (step - start) / max(1, total - start)
 
 
+def _stages(text: str) -> list[int]:
+    """``"400,700,2500"`` -> [400, 700, 2500] (positive, increasing)."""
+    try:
+        stages = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N or N1,N2,... (integers), got {text!r}"
+        ) from None
+    if not stages or stages[0] < 1 or any(a >= b for a, b in zip(stages, stages[1:])):
+        raise argparse.ArgumentTypeError(
+            f"stage ends must be positive and increasing, got {text!r}"
+        )
+    return stages
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m kvpo.toy.pretrain", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--steps", type=int, default=360, help="optimizer steps (default 360)")
+    parser.add_argument(
+        "--steps",
+        type=_stages,
+        default=[400, 700, 2500],
+        help="optimizer steps, or increasing stage ends N1,N2,... (each stage restarts the lr "
+        "schedule at its peak; default 400,700,2500 = the shipped weights)",
+    )
     parser.add_argument("--batch", type=int, default=6, help="videos per step (default 6)")
     parser.add_argument("--blocks", type=int, default=TOY.num_blocks, help="blocks per video")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=50, help="lr warmup steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data and noise")
     parser.add_argument(
         "--threads",
@@ -154,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     run.mkdir(parents=True, exist_ok=True)
     model = ToyModel(TOY)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _lr_factor(s, args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: _lr_factor(s, args.steps, args.warmup)
+    )
+    total = args.steps[-1]
     step, elapsed = 0, 0.0
     ckpt_path = run / "checkpoint.pt"
     if ckpt_path.is_file():
@@ -165,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         step, elapsed = ckpt["step"], ckpt["elapsed"]
         print(f"resuming from {ckpt_path} at step {step}")
     log = (run / "log.jsonl").open("a")
-    bar = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step")
+    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step")
     model.train()
-    while step < args.steps:
+    while step < total:
         t0 = time.perf_counter()
         frames, stories, starts = sample_batch(
             args.batch, args.blocks, seed=args.seed * 10**7 + step
@@ -196,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         log.flush()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update(1)
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step in args.steps:
             torch.save(
                 {
                     "model": model.state_dict(),
