@@ -33,16 +33,18 @@ object (needs two of them, else ``direction_k = 0``).
 
 **Visual quality**, per frame, averaged over frames::
 
-    background = clip(1 - mean(value of the pixels outside the object) / 0.08)
+    background = [has] * clip(1 - mean(value of the pixels outside the object) / 0.08)
     palette    = [has] * ramp(mean over object pixels of the RGB distance to the nearest
                               palette colour, 0.05, 0.3)
     sharpness  = [has] * clip(1 - (#rim pixels with 0.15 < value < 0.85) / (0.5 * area))
     VQ         = (background + palette + sharpness) / 3
 
-where the rim is the object dilated by 1 px. Segment boundaries come from
-``metadata["segment_starts"]`` (B lists of frame indices) when given, else the prompt's segments
-split the T frames evenly in whole blocks of 3 (:func:`kvpo.toy.world.segment_starts`; single
-frames when T is not a multiple of 3).
+where the rim is the object dilated by 1 px. Every term is gated by ``[has]``: an empty frame
+scores 0 (an all-black video would otherwise earn a clean background for drawing nothing).
+
+Segment boundaries come from ``metadata["segment_starts"]`` (B lists of frame indices) when
+given, else the prompt's segments split the T frames evenly in whole blocks of 3
+(:func:`kvpo.toy.world.segment_starts`; single frames when T is not a multiple of 3).
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ def visual_quality(frames: torch.Tensor, obj: FrameObjects) -> torch.Tensor:
     near = F.max_pool2d(obj.mask.float().unsqueeze(1), 3, stride=1, padding=1).squeeze(1) > 0
     outside = (~obj.mask).float()
     dirt = (obj.value * outside).sum((1, 2)) / outside.sum((1, 2)).clamp_min(1)
-    background = _clip(1 - dirt / 0.08)
+    background = has * _clip(1 - dirt / 0.08)
     palette = torch.tensor(list(COLOURS.values()), device=frames.device)
     pixels = frames.float().permute(0, 2, 3, 1).unsqueeze(-2)
     nearest = (pixels - palette).norm(dim=-1).amin(-1)

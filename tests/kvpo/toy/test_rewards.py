@@ -103,8 +103,13 @@ def test_visual_quality_known_values(reward, red_left):
     assert vq(blurred) < 0.7
     dirty = (red_left + 0.06 * torch.rand(red_left.shape, generator=gen)).clamp(0, 1)
     assert 0.4 < vq(dirty) < 0.9
-    # an empty video is clean but has no object: only the background third
-    assert vq(torch.zeros_like(red_left)) == pytest.approx(1 / 3)
+    # an empty video draws nothing: no reward at all (no free clean-background third)
+    empty = score(reward, torch.zeros_like(red_left), ["a red circle moves left"])
+    assert all(value.item() == 0.0 for value in empty.values())
+    # half the frames empty: VQ is the object frames' score over all frames
+    half = red_left.clone()
+    half[:, ::2] = 0
+    assert vq(half) == pytest.approx(0.5)
 
 
 def test_outputs_are_batched_fp32_and_deterministic(reward, red_left):
