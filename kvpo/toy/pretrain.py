@@ -17,6 +17,8 @@ steps), grad-norm clip 1. ``--steps 400,700,2500`` (the default: the shipped wei
 runs stages: each stage ends at its step count, and the learning rate of a step follows the
 schedule of the stage it is in (steps 400-699 go back to the peak lr, then decay over the
 last 40% of the 700, and so on), as when a run is resumed with a larger ``--steps``.
+``--stop-at N`` ends the run after ``N`` steps without changing that schedule (default 900:
+the shipped weights are step 900 of that recipe, chosen as the model card explains).
 
 A checkpoint with the optimizer and step goes to ``--run-dir`` every
 ``--save-every`` steps; rerunning the same command resumes from it (data and noise are functions
@@ -167,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=TOY.num_blocks, help="blocks per video")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=50, help="lr warmup steps")
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        default=900,
+        help="stop after this many steps (the lr schedule stays that of --steps); default 900: "
+        "the shipped weights, see the model card; 0 = run all of --steps",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data and noise")
     parser.add_argument(
         "--threads",
@@ -178,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint interval")
     parser.add_argument("--out", default=str(WEIGHTS_DIR), help="where the final weights go")
     args = parser.parse_args(argv)
+    if args.stop_at < 0:
+        parser.error(f"--stop-at must be >= 0 (0 = all of --steps), got {args.stop_at}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: _lr_factor(s, args.steps, args.warmup)
     )
-    total = args.steps[-1]
+    total = min(args.steps[-1], args.stop_at or args.steps[-1])
     step, elapsed = 0, 0.0
     ckpt_path = run / "checkpoint.pt"
     if ckpt_path.is_file():
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         log.flush()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update(1)
-        if step % args.save_every == 0 or step in args.steps:
+        if step % args.save_every == 0 or step in args.steps or step == total:
             torch.save(
                 {
                     "model": model.state_dict(),
