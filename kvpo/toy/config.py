@@ -17,8 +17,8 @@ default run read. The method's LongLive values are scaled down for 2 CPU cores:
 | update rule | x0 re-noising (distilled models) | Euler ODE steps (see below) |
 
 The toy model is a plain flow-matching model, not distilled: with the x0 re-noising rule its
-first block (where the object's position is still uncertain) averages to an empty frame, so the
-toy samples with the deterministic Euler rule of the same sampler (``sampler_rule``; set it to
+samples score less than half of the Euler rule's held-out rewards (model card), so the toy
+samples with the deterministic Euler rule of the same sampler (``sampler_rule``; set it to
 ``"x0"`` to compare). KVPO's branches stay deterministic functions of their routing plans.
 """
 

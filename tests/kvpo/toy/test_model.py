@@ -49,9 +49,10 @@ def test_pretrained_beats_random_weights_on_heldout_prompts(shipped):
         assert videos.shape == (8, 9, 3, 32, 32)
         results[name] = score(reward, videos, stories, {"segment_starts": starts})
     good, bad = results["pretrained"], results["random"]
-    # the shipped model is weak (see MODEL_CARD.md): clean background, fragments of the prompt
-    # colour near the right place; most short videos score text alignment 0, so 8 are drawn
-    assert good["visual_quality"].mean() > bad["visual_quality"].mean() + 0.15
+    # the shipped model is imperfect (see MODEL_CARD.md): most videos draw a moving blob of
+    # the prompt's colour, some lose it (score 0); random weights draw nothing
+    assert good["visual_quality"].mean() > bad["visual_quality"].mean() + 0.05
+    assert (good["visual_quality"] > 0.3).sum() >= 1
     assert good["text_alignment"].mean() > bad["text_alignment"].mean()
 
 
@@ -147,6 +148,12 @@ def test_pretrain_stages_equal_resuming_with_more_steps(tmp_path):
     straight = _pretrain(5, tmp_path / "c", tmp_path / "wc", *warm0)
     for key in staged:
         torch.testing.assert_close(staged[key], resumed[key], atol=0, rtol=0)
+    # --stop-at ends early on the same schedule: stopping at 4 and resuming to 5 changes nothing
+    _pretrain("3,5", tmp_path / "d", tmp_path / "wd", *warm0, "--stop-at", "4")
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)["step"] == 4
+    stopped = _pretrain("3,5", tmp_path / "d", tmp_path / "wd", *warm0, "--stop-at", "0")
+    for key in staged:
+        torch.testing.assert_close(staged[key], stopped[key], atol=0, rtol=0)
     # the stage's decay changes the lr of steps 3 and 4: one schedule over 5 steps differs
     assert any(not torch.equal(staged[k], straight[k]) for k in staged)
     with pytest.raises(SystemExit):
