@@ -20,6 +20,8 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +111,6 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 def save_checkpoint(run_dir: str | Path, state: TrainingState, keep_last: int = 2) -> Path:
     """Write ``state`` atomically under ``run_dir/checkpoints`` and point ``latest`` at it."""
     final = checkpoint_dir(run_dir, state.step)
-    final.parent.mkdir(parents=True, exist_ok=True)
     optim_tensors, optim_meta = _split_optimizer(state.optimizer)
     rng = state.rng
     tensors = {
@@ -129,21 +130,30 @@ def save_checkpoint(run_dir: str | Path, state: TrainingState, keep_last: int = 
         "rng": {"numpy": rng["numpy"], "python": rng["python"], "cuda": len(rng["cuda"])},
         "extra": state.extra,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with _replaced_atomically(final) as tmp:
         save_file(tensors, str(tmp / "tensors.safetensors"))
         _write_synced(tmp / "state.json", json.dumps(meta))
+    _write_synced(final.parent / f".{LATEST}.tmp", final.name)
+    os.replace(final.parent / f".{LATEST}.tmp", final.parent / LATEST)
+    for old in sorted(final.parent.glob("step-*"))[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+@contextmanager
+def _replaced_atomically(final: Path) -> Iterator[Path]:
+    """Yield a fresh sibling directory to fill; on success it replaces ``final`` by rename, on
+    error it is removed and ``final`` is left as it was."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    _write_synced(final.parent / f".{LATEST}.tmp", final.name)
-    os.replace(final.parent / f".{LATEST}.tmp", final.parent / LATEST)
-    for old in sorted(final.parent.glob("step-*"))[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
-    return final
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -204,19 +214,11 @@ def export_adapter(model, directory: str | Path, adapter: str = "default") -> Pa
     from kvpo.models.lora import lora_state_dict
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     weights = {
         f"base_model.model.{k}": v.contiguous().cpu()
         for k, v in lora_state_dict(model, adapter).items()
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with _replaced_atomically(directory) as tmp:
         model.transformer.peft_config[adapter].save_pretrained(str(tmp))
         save_file(weights, str(tmp / "adapter_model.safetensors"))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return directory
