@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         type=_stages,
         default=[400, 700, 2500],
         help="optimizer steps, or increasing stage ends N1,N2,... (each stage restarts the lr "
-        "schedule at its peak; default 400,700,2500 = the shipped weights)",
+        "schedule at its peak; default 400,700,2500: the shipped weights' schedule)",
     )
     parser.add_argument("--batch", type=int, default=6, help="videos per step (default 6)")
     parser.add_argument("--blocks", type=int, default=TOY.num_blocks, help="blocks per video")
