@@ -147,6 +147,7 @@ class ReferenceBranchCache:
         for dst, src in zip(self.k + self.v, self.snapshot.k + self.snapshot.v):
             dst.copy_(src)
         self.frames = list(self.snapshot.frames)
+        self.routed = {}  # the routed older frames, gathered once per (block, layer)
 
     def context(self, plan, start_frame, writes):
         return ReferenceContext(self, plan, start_frame, writes)
@@ -159,12 +160,13 @@ class ReferenceContext:
     """One forward's attention calls: clone the layer cache, write, concatenate, SDPA."""
 
     def __init__(self, cache, plan, start_frame, writes):
+        """``plan``: frames ``sink ++ older ++ [nearest]`` (a routing plan or the window)."""
         self.cache, self.start_frame, self.writes = cache, start_frame, writes
         n, slot = cache.per_frame, {f: i for i, f in enumerate(cache.frames)}
-        sink, *older, nearest = plan
-        self.sink = slot[sink[-1]] * n + n
+        older = plan[POLICY.sink_size : -1]
+        self.sink = slot[plan[POLICY.sink_size - 1]] * n + n
         self.older = torch.cat([torch.arange(slot[f] * n, slot[f] * n + n) for f in older])
-        self.nearest = slot[nearest[0]] * n
+        self.nearest = slot[plan[-1]] * n
 
     def attend(self, layer, q, k, v):
         cache, end = self.cache, len(self.cache.frames) * self.cache.per_frame
@@ -208,9 +210,9 @@ def _reference_rollout(model, history, text, noise, renoise, plans, rows_n):
     sampler, outs = FewStepSampler(), []
     for g in range(rows_n):
         cache.restore()
-        cache.routed, out = {}, []
+        out = []
         for f0 in sorted(plans):
-            lo, plan = f0 - HISTORY, _split_plan(plans[f0][g])
+            lo, plan = f0 - HISTORY, plans[f0][g]
             x, xi = noise[g : g + 1, :, lo : lo + 3], renoise[:, g : g + 1, :, lo : lo + 3]
             x0, _ = sampler.denoise_block(model, x, text, f0, cache.context(plan, f0, False), xi)
             model.write_context(x0, text, f0, cache.context(plan, f0, True))
@@ -218,12 +220,6 @@ def _reference_rollout(model, history, text, noise, renoise, plans, rows_n):
         outs.append(torch.cat(out, dim=2))
     held = cache.nbytes() + saved.nbytes() + state.nbytes()
     return torch.cat(outs), held
-
-
-def _split_plan(frames):
-    """A plan ``sink ++ older ++ [nearest]`` as ``(sink, *older, [nearest])``."""
-    sink = frames[: POLICY.sink_size]
-    return (sink, *frames[POLICY.sink_size : -1], frames[-1:])
 
 
 def _dense_rollout(model, history, text, noise, renoise, plans, rows):

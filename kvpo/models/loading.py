@@ -120,9 +120,8 @@ def unwrap_checkpoint(obj, key: str | None = None, use_ema: bool = False) -> dic
     if key is None:
         key = next((k for k in CHECKPOINT_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
-            hint = " (a LoRA checkpoint: import it with lora.import_lora)" * any(
-                "lora" in str(k) for k in obj
-            )
+            is_lora = any("lora" in str(k) for k in obj)
+            hint = " (a LoRA checkpoint: import it with lora.import_lora)" if is_lora else ""
             raise KeyError(
                 f"no weights found: the checkpoint's top-level keys are {sorted(obj)[:20]}; "
                 f"expected tensors or one of {list(CHECKPOINT_KEYS)}{hint}"

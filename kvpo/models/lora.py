@@ -250,13 +250,14 @@ def _lora_weights(raw: Mapping, key: str | None) -> dict[str, torch.Tensor]:
         modules = {m[len(prefix) :] for m in modules}
         out = {(m[len(prefix) :], p): v for (m, p), v in out.items()}
     if is_original_naming(modules):
-        unknown = sorted(m for m in modules if original_to_diffusers(m) is None)
+        renamed = {m: original_to_diffusers(m) for m in modules}
+        unknown = sorted(m for m, new in renamed.items() if new is None)
         if unknown:
             raise CheckpointMismatch(
                 f"{len(unknown)} LoRA target modules in original Wan naming have no diffusers "
                 f"counterpart in this model: {unknown[:8]}"
             )
-        out = {(original_to_diffusers(m), p): v for (m, p), v in out.items()}
+        out = {(renamed[m], p): v for (m, p), v in out.items()}
     return {f"{m}.{p}": v for (m, p), v in out.items()}
 
 
