@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import importlib
 
+import torch
+
 
 @functools.cache
 def _load():
@@ -32,3 +34,10 @@ def cuda_built() -> bool:
     """True when the extension carries CUDA kernels."""
     mod = module()
     return bool(mod is not None and mod.cuda_built())
+
+
+def ops():
+    """``torch.ops.kvpo_C``, the extension's ops (registered when the extension loads)."""
+    if module() is None:
+        raise RuntimeError(load_error())
+    return torch.ops.kvpo_C

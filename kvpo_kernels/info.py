@@ -9,11 +9,8 @@ from kvpo_kernels._version import __version__
 
 
 def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "not installed"
-    return triton.__version__
+    module = registry.triton_module()
+    return module.__version__ if module is not None else f"unavailable: {registry.triton_error()}"
 
 
 def info() -> str:

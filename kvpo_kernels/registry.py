@@ -7,14 +7,22 @@ variable ``KVPO_KERNELS_BACKEND``, then ``auto``: the first usable backend in th
 order for the tensors' device. An explicit choice that cannot serve the call raises
 :class:`BackendUnavailable` naming what is missing; ``auto`` falls back silently and
 :func:`explain` says what it chose and why (also logged at DEBUG level on ``kvpo_kernels``).
+
+``import kvpo_kernels`` needs torch only. Triton is imported when the triton backend is first
+considered (an explicit request, ``auto`` on CUDA, :func:`kvpo_kernels.info`), and an op's Triton
+kernels (``kvpo_kernels.ops.triton.<op>``) on the first call that runs them; where Triton cannot
+be imported, the backend is unusable and the reason says why.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -68,11 +76,46 @@ def ops() -> dict[str, Op]:
     return dict(_OPS)
 
 
-def _triton_reason(device_type: str) -> str | None:
+@functools.cache
+def _import_triton() -> tuple[ModuleType | None, str | None]:
+    """``(triton, None)``, or ``(None, why not)``: the one place that imports Triton, on demand."""
     try:
-        import triton  # noqa: F401
+        return importlib.import_module("triton"), None
     except ImportError as err:
-        return f"triton is not importable ({err})"
+        return None, f"triton is not importable ({err})"
+    except Exception as err:  # a broken install fails in many ways; report it, do not crash
+        return None, f"triton is not importable ({type(err).__name__}: {err})"
+
+
+def triton_module() -> ModuleType | None:
+    """The imported ``triton`` package, or None (then :func:`triton_error` says why)."""
+    return _import_triton()[0]
+
+
+def triton_error() -> str | None:
+    """Why Triton cannot be imported, or None when it can."""
+    return _import_triton()[1]
+
+
+def lazy(module: str, attr: str) -> Callable:
+    """``module.attr``, imported on the first call (how Triton kernels stay out of the import of
+    kvpo_kernels: their modules import ``triton`` at the top)."""
+
+    @functools.cache
+    def load() -> Callable:
+        return getattr(importlib.import_module(module), attr)
+
+    def call(*args, **kwargs):
+        return load()(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"lazy({module}.{attr})"
+    return call
+
+
+def _triton_reason(device_type: str) -> str | None:
+    error = triton_error()
+    if error is not None:
+        return error
     if device_type == "cuda":
         return None
     if TRITON_INTERPRET:

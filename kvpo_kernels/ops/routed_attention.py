@@ -15,7 +15,7 @@ An empty row (no context, no new tokens) gives ``out = 0`` and ``lse = -inf``. G
 
 Backends: ``torch`` (this module: explicit gather, then attention in the input dtype with an fp32
 softmax), ``cpp`` (OpenMP CPU kernel reading pages in place, ``csrc/cpu/routed_attention.cpp``),
-``triton`` (flash-attention-style kernels, :mod:`kvpo_kernels.ops.routed_attention_triton`).
+``triton`` (flash-attention-style kernels, :mod:`kvpo_kernels.ops.triton.routed_attention`).
 Every backend implements the forward ``(out, lse)`` and the backward ``(dq, dk_new, dv_new)``;
 both are ``torch.library`` custom ops (``kvpo::routed_attention_fwd`` / ``_bwd``) taking the
 backend name, with fake implementations and a registered autograd formula.
@@ -27,17 +27,17 @@ import math
 
 import torch
 
-from kvpo_kernels import registry
+from kvpo_kernels import extension, registry
 from kvpo_kernels.checks import check_ids_in_range, check_index_tensor, check_same_device
-from kvpo_kernels.ops import routed_attention_triton
+from kvpo_kernels.ops._registration import backend_op, triton_kernel
 
 OP = "routed_attention"
 OP_BACKWARD = "routed_attention_backward"
 # The cpp backend has CPU kernels only; on CUDA the triton kernels serve this op.
 registry.op(OP, order={"cuda": ("triton", "torch")})
 registry.op(OP_BACKWARD, order={"cuda": ("triton", "torch")})
-registry.register(OP, "triton")(routed_attention_triton.forward)
-registry.register(OP_BACKWARD, "triton")(routed_attention_triton.backward)
+registry.register(OP, "triton")(triton_kernel("routed_attention", "forward"))
+registry.register(OP_BACKWARD, "triton")(triton_kernel("routed_attention", "backward"))
 
 
 def _gather_context(kv_pages: torch.Tensor, page_table: torch.Tensor, ctx_lens: torch.Tensor):
@@ -121,7 +121,7 @@ def _cpu_only(q: torch.Tensor) -> None:
 def _forward_cpp(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale):
     """OpenMP kernel reading the pages in place (csrc/cpu/routed_attention.cpp)."""
     _cpu_only(q)
-    return torch.ops.kvpo_C.routed_attention_fwd(
+    return extension.ops().routed_attention_fwd(
         q, k_new, v_new, kv_pages, page_table.contiguous(), ctx_lens.contiguous(), scale
     )
 
@@ -129,35 +129,23 @@ def _forward_cpp(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale):
 @registry.register(OP_BACKWARD, "cpp")
 def _backward_cpp(dout, dlse, q, k_new, v_new, kv_pages, page_table, ctx_lens, out, lse, scale):
     _cpu_only(q)
-    return torch.ops.kvpo_C.routed_attention_bwd(
+    return extension.ops().routed_attention_bwd(
         dout, dlse, q, k_new, v_new, kv_pages, page_table.contiguous(), ctx_lens.contiguous(),
         out, lse, scale,
     )  # fmt: skip
 
 
-@torch.library.custom_op("kvpo::routed_attention_fwd", mutates_args=())
-def _forward_op(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    kv_pages: torch.Tensor,
-    page_table: torch.Tensor,
-    ctx_lens: torch.Tensor,
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = registry.op(OP).impls[backend]
-    out, lse = impl(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale)
-    return out.contiguous(), lse.contiguous()
-
-
-@_forward_op.register_fake
-def _(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale, backend):
+def _forward_fake(q, k_new, v_new, kv_pages, page_table, ctx_lens, scale, backend):
     batch, lq, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("kvpo::routed_attention_bwd", mutates_args=())
+def _backward_fake(dout, dlse, q, k_new, v_new, kv_pages, page_table, ctx_lens, out, lse, scale,
+                   backend):  # fmt: skip
+    return q.new_empty(q.shape), k_new.new_empty(k_new.shape), v_new.new_empty(v_new.shape)
+
+
+@backend_op("kvpo::routed_attention_bwd", OP_BACKWARD, fake=_backward_fake)
 def _backward_op(
     dout: torch.Tensor,
     dlse: torch.Tensor,
@@ -172,14 +160,7 @@ def _backward_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = registry.op(OP_BACKWARD).impls[backend]
-    grads = impl(dout, dlse, q, k_new, v_new, kv_pages, page_table, ctx_lens, out, lse, scale)
-    return tuple(g.contiguous() for g in grads)
-
-
-@_backward_op.register_fake
-def _(dout, dlse, q, k_new, v_new, kv_pages, page_table, ctx_lens, out, lse, scale, backend):
-    return q.new_empty(q.shape), k_new.new_empty(k_new.shape), v_new.new_empty(v_new.shape)
+    """``(dq, dk_new, dv_new)`` of routed attention on ``backend``."""
 
 
 def _setup_context(ctx, inputs, output):
@@ -200,7 +181,24 @@ def _backward(ctx, dout, dlse):
     return dq, dk, dv, None, None, None, None, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+@backend_op(
+    "kvpo::routed_attention_fwd",
+    OP,
+    fake=_forward_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)
+def _forward_op(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of routed attention on ``backend``."""
 
 
 def _check(q, k_new, v_new, kv_pages, page_table, ctx_lens) -> None:

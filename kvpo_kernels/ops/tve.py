@@ -5,7 +5,8 @@ target[g, k])^2)`` with ``reduce`` the mean or the sum over the trailing dims ``
 ``tve_energy_x0`` is the same energy computed from x0 predictions and per-step ``sigma``.
 
 The large reduction is one op, ``kvpo::tve_item_sq_sum`` (``[G, K, *S] -> [G, K]`` sums of
-squared differences), on every backend (torch, triton, cpp CPU/CUDA); the ``[G, K]`` weighting
+squared differences), on every backend: torch (here), triton (:mod:`kvpo_kernels.ops.triton.tve`),
+cpp CPU/CUDA (``csrc/cpu/tve.cpp``, ``csrc/cuda/tve.cu``); the ``[G, K]`` weighting
 and the sum over ``K`` are ordinary (tiny) torch ops, so the weight and ``sigma`` get gradients
 from autograd for free. Kernels accumulate in fp32 (fp64 for fp64 inputs) with a fixed two-stage
 reduction: fixed-size chunks of each item are summed into a partials buffer, then each item's
@@ -27,7 +28,7 @@ import torch
 
 from kvpo_kernels import extension, registry
 from kvpo_kernels.checks import check_same_device
-from kvpo_kernels.ops import tve_triton
+from kvpo_kernels.ops._registration import backend_op, triton_kernel
 
 OP = "tve_energy"
 BACKWARD_OP = "tve_energy_backward"
@@ -115,49 +116,44 @@ def _register_kernels(backend: str, forward, backward) -> None:
     """``forward(p, t) -> [G, K]``, ``backward(coef, p, t, with_target) -> [[G, K, N], ...]``."""
 
     def item_sq_sum(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if pred.numel() == 0:
+            return pred.new_zeros(pred.shape[:2], dtype=accumulation_dtype(pred.dtype))
         return forward(*item_views(pred, target))
 
     def item_sq_sum_backward(coef, pred, target, with_target):
-        grads = backward(coef, *item_views(pred, target), with_target)
+        if pred.numel() == 0:
+            grad = torch.zeros(pred.shape, dtype=pred.dtype, device=pred.device)
+            return [grad, grad.clone()] if with_target else [grad]
+        grads = backward(coef.contiguous(), *item_views(pred, target), with_target)
         return [g.view(pred.shape) for g in grads]
 
     registry.register(OP, backend)(item_sq_sum)
     registry.register(BACKWARD_OP, backend)(item_sq_sum_backward)
 
 
-_register_kernels("triton", tve_triton.item_sq_sum, tve_triton.item_sq_sum_backward)
-
-
-def _cpp_forward(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    extension.module()  # loads kvpo_kernels._C, which registers torch.ops.kvpo_C
-    return torch.ops.kvpo_C.tve_item_sq_sum(p, t)
-
-
-def _cpp_backward(coef, p, t, with_target):
-    extension.module()
-    return torch.ops.kvpo_C.tve_item_sq_sum_backward(coef, p, t, with_target)
-
-
-_register_kernels("cpp", _cpp_forward, _cpp_backward)
+_register_kernels(
+    "triton", triton_kernel("tve", "item_sq_sum"), triton_kernel("tve", "item_sq_sum_backward")
+)
+_register_kernels(
+    "cpp",
+    lambda *args: extension.ops().tve_item_sq_sum(*args),
+    lambda *args: extension.ops().tve_item_sq_sum_backward(*args),
+)
 
 
 # --- custom ops: schema, fake tensors, autograd ---------------------------------------------
 
 
-@torch.library.custom_op("kvpo::tve_item_sq_sum", mutates_args=())
-def _item_sq_sum_op(pred: torch.Tensor, target: torch.Tensor, backend: str) -> torch.Tensor:
-    """``[G, K, *S]`` x2 -> ``[G, K]`` sums over ``S`` of ``(pred - target)^2`` (fp32|fp64)."""
-    if pred.numel() == 0:
-        return pred.new_zeros(pred.shape[:2], dtype=accumulation_dtype(pred.dtype))
-    return registry.op(OP).impls[backend](pred, target)
-
-
-@_item_sq_sum_op.register_fake
-def _(pred, target, backend):
+def _item_sq_sum_fake(pred, target, backend):
     return pred.new_empty(pred.shape[:2], dtype=accumulation_dtype(pred.dtype))
 
 
-@torch.library.custom_op("kvpo::tve_item_sq_sum_backward", mutates_args=())
+def _item_sq_sum_backward_fake(coef, pred, target, with_target, backend):
+    count = 2 if with_target else 1
+    return [torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) for _ in range(count)]
+
+
+@backend_op("kvpo::tve_item_sq_sum_backward", BACKWARD_OP, fake=_item_sq_sum_backward_fake)
 def _item_sq_sum_backward_op(
     coef: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, with_target: bool, backend: str
 ) -> list[torch.Tensor]:
@@ -166,16 +162,6 @@ def _item_sq_sum_backward_op(
     Gradients are contiguous ``[G, K, *S]`` tensors in the input dtype, computed in ``coef``'s
     dtype and rounded once.
     """
-    if pred.numel() == 0:
-        grad = torch.zeros(pred.shape, dtype=pred.dtype, device=pred.device)
-        return [grad, grad.clone()] if with_target else [grad]
-    return registry.op(BACKWARD_OP).impls[backend](coef.contiguous(), pred, target, with_target)
-
-
-@_item_sq_sum_backward_op.register_fake
-def _(coef, pred, target, with_target, backend):
-    count = 2 if with_target else 1
-    return [torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) for _ in range(count)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -195,7 +181,15 @@ def _backward(ctx, grad_items):
     return grad_pred, grad_target, None
 
 
-_item_sq_sum_op.register_autograd(_backward, setup_context=_setup_context)
+@backend_op(
+    "kvpo::tve_item_sq_sum",
+    OP,
+    fake=_item_sq_sum_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)
+def _item_sq_sum_op(pred: torch.Tensor, target: torch.Tensor, backend: str) -> torch.Tensor:
+    """``[G, K, *S]`` x2 -> ``[G, K]`` sums over ``S`` of ``(pred - target)^2`` (fp32|fp64)."""
 
 
 # --- public API -----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 ``write_pages(kv_pages, k, v, slots)``: for every token ``n``, with ``page = slots[n] // page_size``
 and ``offset = slots[n] % page_size``: ``kv_pages[page, 0, offset] = k[n]`` and
-``kv_pages[page, 1, offset] = v[n]``, in place, on every backend (torch, triton, cpp CPU/CUDA).
+``kv_pages[page, 1, offset] = v[n]``, in place, on every backend: torch (here), triton
+(:mod:`kvpo_kernels.ops.triton.write_pages`), cpp CPU/CUDA (``csrc/cpu/pages.cpp``,
+``csrc/cuda/pages.cu``).
 Slot ids are int64 (``page_id * page_size + offset`` overflows int32 for pools past 2^31 tokens);
 every address is computed in int64.
 """
@@ -10,14 +12,12 @@ every address is computed in int64.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from kvpo_kernels import registry
+from kvpo_kernels import extension, registry
 from kvpo_kernels.checks import check_ids_in_range, check_same_device
+from kvpo_kernels.ops._registration import backend_op, no_output, triton_kernel
 
 OP = "write_pages"
-_BITS_AS_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _check(kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -65,57 +65,19 @@ def _write_pages_torch(
     kv_pages[page, 1, offset] = v.reshape(-1, heads, dim)
 
 
-def _rows_contiguous(t: torch.Tensor) -> bool:
+def rows_contiguous(t: torch.Tensor) -> bool:
     """Whether each ``[H, D]`` row of ``t`` (``[..., H, D]``) is one contiguous run."""
     heads, dim = t.shape[-2:]
     return (dim == 1 or t.stride(-1) == 1) and (heads == 1 or t.stride(-2) == dim)
 
 
-def _token_rows(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+def token_rows(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     """``t`` as ``[N, H, D]`` with each ``[H, D]`` row contiguous (a view when it can be)."""
     rows = t.reshape(-1, heads, dim)
-    return rows if _rows_contiguous(rows) else rows.contiguous()
+    return rows if rows_contiguous(rows) else rows.contiguous()
 
 
-@triton.jit
-def _write_pages_kernel(
-    pages, k, v, slots, page_size, stride_page, stride_kv, stride_token, stride_k, stride_v,
-    row_elems, BLOCK: tl.constexpr,
-):  # fmt: skip
-    # pages[slot // page_size, 0 | 1, slot % page_size, e] = k | v[i, e] for e in this block
-    i = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < row_elems
-    slot = tl.load(slots + i).to(tl.int64)
-    page = slot // page_size
-    row = pages + page * stride_page + (slot - page * page_size) * stride_token
-    tl.store(row + offs, tl.load(k + i * stride_k + offs, mask=mask), mask=mask)
-    tl.store(row + stride_kv + offs, tl.load(v + i * stride_v + offs, mask=mask), mask=mask)
-
-
-@registry.register(OP, "triton")
-def _write_pages_triton(
-    kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
-) -> None:
-    if slots.numel() == 0:
-        return
-    _, _, page_size, heads, dim = kv_pages.shape
-    if not _rows_contiguous(kv_pages):
-        raise ValueError(
-            f"each token row of kv_pages must be contiguous, strides {kv_pages.stride()}"
-        )
-    as_int = _BITS_AS_INT[kv_pages.element_size()]
-    pages = kv_pages.view(as_int)
-    k_rows = _token_rows(k, heads, dim).view(as_int)
-    v_rows = _token_rows(v, heads, dim).view(as_int)
-    row_elems = heads * dim
-    block = min(1024, triton.next_power_of_2(row_elems))
-    grid = (slots.numel(), triton.cdiv(row_elems, block))
-    _write_pages_kernel[grid](
-        pages, k_rows, v_rows, slots.reshape(-1).contiguous(), page_size, pages.stride(0),
-        pages.stride(1), pages.stride(2), k_rows.stride(0), v_rows.stride(0), row_elems,
-        BLOCK=block,
-    )  # fmt: skip
+registry.register(OP, "triton")(triton_kernel("write_pages", "write_pages"))
 
 
 @registry.register(OP, "cpp")
@@ -123,24 +85,19 @@ def _write_pages_cpp(
     kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
     heads, dim = kv_pages.shape[3:]
-    torch.ops.kvpo_C.write_pages(
+    extension.ops().write_pages(
         kv_pages,
-        _token_rows(k, heads, dim),
-        _token_rows(v, heads, dim),
+        token_rows(k, heads, dim),
+        token_rows(v, heads, dim),
         slots.reshape(-1).contiguous(),
     )
 
 
-@torch.library.custom_op("kvpo::write_pages", mutates_args=("kv_pages",))
+@backend_op("kvpo::write_pages", OP, fake=no_output, mutates_args=("kv_pages",))
 def _write_pages_op(
     kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, backend: str
 ) -> None:
-    registry.op(OP).impls[backend](kv_pages, k, v, slots)
-
-
-@_write_pages_op.register_fake
-def _(kv_pages, k, v, slots, backend):
-    return None
+    """K/V rows into their slots of ``kv_pages`` on ``backend``."""
 
 
 def write_pages(

@@ -92,7 +92,7 @@ def test_copy_pages_opcheck_and_compile(backend):
     pages = torch.randn(2, 6, 3, 4)
     src = torch.tensor([0, 1], dtype=torch.int32)
     dst = torch.tensor([4, 5], dtype=torch.int32)
-    from kvpo_kernels.ops.pages import _copy_pages_op
+    from kvpo_kernels.ops.copy_pages import _copy_pages_op
 
     torch.library.opcheck(_copy_pages_op, (pages, src, dst, backend))
 
