@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvpo_kernels.ops.pages import copy_pages
+from kvpo_kernels.ops.copy_pages import copy_pages
 from kvpo_kernels.ops.write_pages import write_pages
 from kvpo_kernels.paged.allocator import OutOfPages, PageAllocator
 from kvpo_kernels.paged.sequence import Reservation, SequenceState, UnknownSequence
@@ -209,9 +209,14 @@ class PagedKVStore:
         states = [self._get(seq) for seq in seqs]
         size = self.page_size
         plans = []  # (copy the tail first?, new pages) per sequence
+        holders: dict[int, int] = {}  # partial tail page -> holders not yet moved off it
         for s in states:
             offset = s.length % size
-            cow = num_tokens > 0 and offset > 0 and self.allocator.refcount(s.pages[-1]) > 1
+            cow = False
+            if num_tokens > 0 and offset > 0:  # the last holder writes in place
+                tail = s.pages[-1]
+                cow = holders.setdefault(tail, self.allocator.refcount(tail)) > 1
+                holders[tail] -= cow
             fresh = -(-(offset + num_tokens) // size) - (1 if offset else 0)
             plans.append((cow, fresh))
         copies = sum(c for c, _ in plans)
