@@ -7,7 +7,7 @@ Providers, measured in the same run:
   and restored into the working cache before each branch writes its frames (branches run one
   after the other, so only one is held at a time).
 - ``paged store``: ``PagedKVStore.fork`` (page-table copies), one ``reserve`` for all branches
-  and one ``write`` per layer; all branches held at once.
+  and one ``write`` per layer through the reservation it returned; all branches held at once.
 
 ``held MiB`` = K/V bytes resident when the branches exist (history included; host snapshot
 included for snapshot/restore); ``held_reduction`` = clone's held bytes / the provider's.
@@ -70,9 +70,9 @@ def _snapshot_restore(work_k, work_v, history_tokens, new_k, new_v, host):
 def _paged_branches(store, history, new_k, new_v):
     """Fork ``history`` into the branches and write their frames; returns the branch handles."""
     kids = store.fork(history, new_k.shape[1])
-    slots = store.reserve(kids, new_k.shape[2])
+    reservation = store.reserve(kids, new_k.shape[2])
     for layer in range(store.num_layers):
-        store.write(layer, slots, new_k[layer], new_v[layer])
+        store.write(layer, reservation, new_k[layer], new_v[layer])
     return kids
 
 
@@ -155,9 +155,9 @@ def test_fork_time_is_independent_of_history(recorder, device, history_frames):
     zeros = torch.zeros(
         1, n * s["tokens"], s["heads"], s["dim"], dtype=torch.bfloat16, device=device
     )
-    slots = store.reserve([history], zeros.shape[1])
+    reservation = store.reserve([history], zeros.shape[1])
     for layer in range(s["layers"]):
-        store.write(layer, slots, zeros, zeros)
+        store.write(layer, reservation, zeros, zeros)
     del zeros
     if n <= 24:  # the dense copies of N = 96 would not fit next to the rest on the CPU
         pool = store.pool[:, :n]

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvpo.models.config import WanConfig
+
+if TYPE_CHECKING:
+    from kvpo_kernels.paged import Reservation
 
 
 @dataclass(frozen=True)
@@ -110,14 +114,16 @@ class PagedContext:
     attend through (``kvpo.models.causal_wan.BlockContext``).
 
     ``page_table: [B, N] int32`` and ``ctx_lens: [B] int32`` name each row's cached context;
-    ``reservations``: ``(slots [B, T_part] int64, token_lo, token_hi)`` where the block's tokens
-    ``[token_lo, token_hi)`` are written (empty: read-only, e.g. denoising steps and replay).
+    ``reservations``: ``(reservation, token_lo, token_hi)``: the block's tokens
+    ``[token_lo, token_hi)`` are written through ``reservation`` (a
+    :class:`~kvpo_kernels.paged.Reservation` of ``B`` rows and ``token_hi - token_lo`` tokens);
+    empty: read-only, e.g. denoising steps and replay.
     """
 
     store: object
     page_table: torch.Tensor
     ctx_lens: torch.Tensor
-    reservations: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)
+    reservations: list[tuple[Reservation, int, int]] = field(default_factory=list)
     backend: str | None = None
 
     @property
@@ -131,10 +137,10 @@ class PagedContext:
         """
         from kvpo_kernels import routed_attention
 
-        for slots, lo, hi in self.reservations:
+        for reservation, lo, hi in self.reservations:
             k_part = k[:, lo:hi].detach().contiguous()
             v_part = v[:, lo:hi].detach().contiguous()
-            self.store.write(layer, slots, k_part, v_part)
+            self.store.write(layer, reservation, k_part, v_part)
         pages = self.store.kv_pages(layer)
         return routed_attention(
             q, k, v, pages, self.page_table, self.ctx_lens, backend=self.backend
@@ -295,9 +301,9 @@ class FrameCache:
             if hi <= lo:
                 continue
             seqs = [self._target(self._get(row), row, lo, sink) for row in rows]
-            slots = self.store.reserve(seqs, (hi - lo) * per_frame)
+            reservation = self.store.reserve(seqs, (hi - lo) * per_frame)
             reservations.append(
-                (slots, (lo - start_frame) * per_frame, (hi - start_frame) * per_frame)
+                (reservation, (lo - start_frame) * per_frame, (hi - start_frame) * per_frame)
             )
         return reservations
 

@@ -1,7 +1,15 @@
-"""Branch-shared paged K/V storage: a page allocator with refcounts and the store built on it."""
+"""Branch-shared paged K/V storage: a page allocator with refcounts, the store built on it and
+its reservation handles."""
 
 from kvpo_kernels.paged.allocator import OutOfPages, PageAllocator
+from kvpo_kernels.paged.reservation import Reservation
 from kvpo_kernels.paged.sequence import UnknownSequence
 from kvpo_kernels.paged.store import PagedKVStore
 
-__all__ = ["OutOfPages", "PageAllocator", "PagedKVStore", "UnknownSequence"]
+__all__ = [
+    "OutOfPages",
+    "PageAllocator",
+    "PagedKVStore",
+    "Reservation",
+    "UnknownSequence",
+]

@@ -1,10 +1,8 @@
-"""Host-side state of one paged sequence and of one open reservation (plain Python)."""
+"""Host-side state of one paged sequence (plain Python)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 
 class UnknownSequence(LookupError):
@@ -55,13 +53,3 @@ class SequenceState:
                 f"{self.length % page_size} of {page_size} tokens) at index "
                 f"{positions.index(tail)} of {len(positions)}; a partial page must come last"
             )
-
-
-@dataclass
-class Reservation:
-    """Tokens reserved by ``PagedKVStore.reserve`` whose K/V are not yet written in every layer."""
-
-    slots: torch.Tensor  # [len(seqs), T] int64, as returned by reserve
-    seqs: list[int]
-    unwritten: set[int]  # layers not yet written
-    freed_rows: set[int] = field(default_factory=set)  # rows whose sequence was freed meanwhile

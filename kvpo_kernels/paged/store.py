@@ -20,7 +20,8 @@ import torch
 from kvpo_kernels.ops.copy_pages import copy_pages
 from kvpo_kernels.ops.write_pages import write_pages
 from kvpo_kernels.paged.allocator import OutOfPages, PageAllocator
-from kvpo_kernels.paged.sequence import Reservation, SequenceState, UnknownSequence
+from kvpo_kernels.paged.reservation import Reservation, ReservationLedger
+from kvpo_kernels.paged.sequence import SequenceState, UnknownSequence
 
 
 class PagedKVStore:
@@ -34,7 +35,8 @@ class PagedKVStore:
 
     Sequences are int handles from :meth:`new_sequence` / :meth:`fork`. Two ways to add tokens:
     :meth:`append` (all layers at once), or :meth:`reserve` once per step and :meth:`write` per
-    layer (for a model writing K/V layer by layer during its forward).
+    layer with the :class:`~kvpo_kernels.paged.reservation.Reservation` it returned (for a model
+    writing K/V layer by layer during its forward).
     """
 
     def __init__(
@@ -65,7 +67,7 @@ class PagedKVStore:
         self.backend = backend
         self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
-        self._open: dict[int, Reservation] = {}  # id(slots) -> reservation
+        self._reservations = ReservationLedger(num_layers)
 
     # ----------------------------------------------------------------- pool and pages
     @property
@@ -148,9 +150,7 @@ class PagedKVStore:
         del self._seqs[seq]
         self.allocator.release(s.resident())
         if s.pending:
-            for res in self._open.values():
-                if seq in res.seqs:
-                    res.freed_rows.add(res.seqs.index(seq))
+            self._reservations.sequence_freed(seq)
 
     def snapshot(self, seq: int) -> int:
         """A frozen copy of ``seq`` sharing its pages (a fork); free it when done."""
@@ -189,17 +189,18 @@ class PagedKVStore:
         return victims
 
     # ----------------------------------------------------------------- writing tokens
-    def reserve(self, seqs: Sequence[int], num_tokens: int) -> torch.Tensor:
-        """Room for ``num_tokens`` new tokens at the end of each sequence; returns their slots.
+    def reserve(self, seqs: Sequence[int], num_tokens: int) -> Reservation:
+        """Room for ``num_tokens`` new tokens at the end of each sequence.
 
         Allocates pages, copies shared tail pages (copy-on-write, all layers, one batched
         ``copy_pages``) and counts the tokens in the sequences' lengths. The tokens hold no data
-        until :meth:`write` has been called with the returned tensor for every layer; until then
-        the sequences cannot be forked, restored, evicted or gathered.
+        until :meth:`write` has been called with the returned reservation for every layer;
+        until then the sequences cannot be forked, restored, evicted or gathered.
 
         Returns:
+            A :class:`~kvpo_kernels.paged.reservation.Reservation`: ``.slots`` is
             ``[len(seqs), num_tokens]`` int64 on the store's device,
-            ``slot = page_id * page_size + offset``.
+            ``slot = page_id * page_size + offset``; ``.seqs`` the sequences in row order.
         """
         seqs = list(seqs)
         if len(set(seqs)) != len(seqs):
@@ -247,35 +248,32 @@ class PagedKVStore:
         if src:
             copy_pages(self.pool, self._ids(src), self._ids(dst), backend=self.backend)
         slots = self._to_device(torch.tensor(flat, dtype=torch.int64).view(len(seqs), num_tokens))
-        self._open[id(slots)] = Reservation(slots, seqs, set(range(self.num_layers)))
-        return slots
+        return self._reservations.open(slots, seqs)
 
     @torch.compiler.disable
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write layer ``layer``'s K/V of reserved tokens.
+    def write(self, layer: int, reservation: Reservation, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write layer ``layer``'s K/V of reserved tokens (each layer exactly once).
 
         Args:
-            slots: the tensor :meth:`reserve` returned, ``[B, T]`` int64 (the same object).
-            k, v: ``[B, T, H, D]``, the pool's dtype and device.
+            reservation: what :meth:`reserve` of this store returned, not yet closed (it
+                closes when its last layer is written).
+            k, v: ``[B, T, H, D]`` with ``B = len(reservation.seqs)``,
+                ``T = reservation.num_tokens``; the pool's dtype and device. Rows of sequences
+                freed since the reservation are not written.
         """
-        res = self._open.get(id(slots))
-        if res is None or res.slots is not slots:
-            raise ValueError(
-                "slots must be the tensor returned by reserve() whose layers are not all written "
-                "yet (each reservation closes once every layer has been written)"
-            )
         self._check_layer(layer)
-        if res.freed_rows:
-            live = [r for r in range(len(res.seqs)) if r not in res.freed_rows]
+        entry = self._reservations.check(reservation, layer)
+        batch, tokens = reservation.slots.shape
+        where = f"[B={batch}, T={tokens}, H={self.num_heads}, D={self.head_dim}]"
+        self._check_kv(k, v, (batch, tokens), f"{where} (the reservation's rows and tokens)")
+        slots = reservation.slots
+        if entry.freed_rows:
+            live = [r for r in range(batch) if r not in entry.freed_rows]
             rows = torch.tensor(live, dtype=torch.int64, device=slots.device)
             k, v, slots = k.index_select(0, rows), v.index_select(0, rows), slots[rows]
         write_pages(self.pool[layer], k, v, slots, backend=self.backend)
-        res.unwritten.discard(layer)
-        if not res.unwritten:
-            del self._open[id(res.slots)]
-            for row, seq in enumerate(res.seqs):
-                if row not in res.freed_rows:
-                    self._seqs[seq].pending -= 1
+        for seq in self._reservations.written(entry, layer) or ():
+            self._seqs[seq].pending -= 1
 
     def append(self, seq: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append tokens to ``seq``: fills the tail page, then new pages.
@@ -284,21 +282,12 @@ class PagedKVStore:
             k, v: ``[num_layers, T, H, D]``, the pool's dtype and device.
         """
         self._get(seq)
-        expected = (self.num_layers, k.shape[1] if k.dim() == 4 else -1)
-        expected += (self.num_heads, self.head_dim)
-        for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != expected or t.shape != k.shape:
-                raise ValueError(
-                    f"{name} must be [num_layers={self.num_layers}, T, H={self.num_heads}, "
-                    f"D={self.head_dim}] (same as k), got {tuple(t.shape)}"
-                )
-            if t.dtype != self.dtype:
-                raise TypeError(f"{name} is {t.dtype}, the store holds {self.dtype}")
-            if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device}, the store on {self.device}")
-        slots = self.reserve([seq], k.shape[1])
+        tokens = k.shape[1] if k.dim() == 4 else -1
+        where = f"[num_layers={self.num_layers}, T, H={self.num_heads}, D={self.head_dim}]"
+        self._check_kv(k, v, (self.num_layers, tokens), f"{where} (same as k)")
+        reservation = self.reserve([seq], tokens)
         for layer in range(self.num_layers):
-            self.write(layer, slots, k[layer].unsqueeze(0), v[layer].unsqueeze(0))
+            self.write(layer, reservation, k[layer].unsqueeze(0), v[layer].unsqueeze(0))
 
     # ----------------------------------------------------------------- reading
     def gather(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,7 +322,7 @@ class PagedKVStore:
         seqs = list(seqs)
         if select is not None and len(select) != len(seqs):
             raise ValueError(f"select has {len(select)} entries for {len(seqs)} sequences")
-        rows, lens = [], []
+        rows, lens = [], []  # page ids and tokens per row
         for i, seq in enumerate(seqs):
             s = self._get(seq)
             if select is None:
@@ -373,8 +362,22 @@ class PagedKVStore:
         if s.pending:
             raise RuntimeError(
                 f"cannot {what} sequence {seq}: it has reserved tokens not yet written in every "
-                "layer; call write() for each layer with the slots reserve() returned first"
+                "layer; call write() for each layer with the reservation reserve() returned first"
             )
+
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, lead: tuple[int, int], where: str):
+        """``k`` and ``v`` must be ``[*lead, H, D]`` (``where`` spells that out), of the pool's
+        dtype and device."""
+        expected = (*lead, self.num_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != expected or t.shape != k.shape:
+                raise ValueError(f"{name} must be {where}, got {tuple(t.shape)}")
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name} is {t.dtype}, the store holds {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the store on {self.device}")
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return self._to_device(torch.tensor(ids, dtype=torch.int32))

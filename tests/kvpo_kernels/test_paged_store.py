@@ -4,13 +4,7 @@ import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvpo_kernels import PagedKVStore
 from kvpo_kernels.paged import OutOfPages, UnknownSequence
@@ -83,48 +77,69 @@ def test_full_shared_tail_is_not_copied():
     assert store.pages(kid)[:2] == store.pages(parent)
 
 
-def test_reserve_and_write_layer_by_layer_for_a_batch(device):
+def test_write_through_the_reservation_places_tokens_by_page_and_offset(device):
+    """a (shares a partial tail: copies it), b (empty), c (then the tail's last holder: writes in
+    place) get 5 tokens each: the pool equals page/offset arithmetic, NaN where unwritten."""
     store = _store(device=device)
     a, b = store.new_sequence(), store.new_sequence()
-    ka, va = (t.to(device) for t in _tokens(2, 7))
-    store.append(a, ka, va)
+    store.append(a, *(t.to(device) for t in _tokens(6, 7)))  # a: page 0 full, page 1 holds 2
     (c,) = store.fork(a, 1)
-    new_k = torch.randn(L, 3, 5, H, D, device=device)
-    new_v = torch.randn(L, 3, 5, H, D, device=device)
-    slots = store.reserve([a, b, c], 5)  # a batch of rows, 5 new tokens each
-    assert slots.dtype == torch.int64 and slots.shape == (3, 5)
-    assert slots.device.type == device.type
-    assert store.refcount(store.pages(a)[0]) == 1  # a's tail was copied: a and c diverge
-    for layer in range(L):
-        store.write(layer, slots, new_k[layer], new_v[layer])
-    _assert_holds(store, a, torch.cat([ka, new_k[:, 0]], 1), torch.cat([va, new_v[:, 0]], 1))
-    _assert_holds(store, b, new_k[:, 1], new_v[:, 1])
-    _assert_holds(store, c, torch.cat([ka, new_k[:, 2]], 1), torch.cat([va, new_v[:, 2]], 1))
-    with pytest.raises(ValueError, match="slots must be the tensor returned by reserve"):
-        store.write(0, slots, new_k[0], new_v[0])  # the reservation closed after every layer
+    expected = store.pool.clone()
+    new_k, new_v = (t.to(device).view(L, 3, 5, H, D) for t in _tokens(15, 8))
+    reservation = store.reserve([a, b, c], 5)
+    pages = {a: [0, 2, 3], b: [4, 5], c: [0, 1, 6]}  # lowest free ids first, a's copy first
+    assert {s: store.pages(s) for s in (a, b, c)} == pages
+    expected[:, 2] = expected[:, 1]  # the copy-on-write of page 1, every layer
+    torch.testing.assert_close(store.pool, expected, rtol=0, atol=0, equal_nan=True)
+    placed = []  # (row, token, page, offset)
+    for row, (seq, start) in enumerate(((a, 6), (b, 0), (c, 6))):
+        for t in range(5):
+            placed.append((row, t, pages[seq][(start + t) // S], (start + t) % S))
+    slots = [[page * S + offset for r, _, page, offset in placed if r == row] for row in range(3)]
+    assert reservation.slots.tolist() == slots and reservation.slots.dtype == torch.int64
+    assert reservation.slots.device.type == device.type and reservation.seqs == (a, b, c)
+    for layer in (1, 0):  # any layer order; a layer is untouched until written
+        store.write(layer, reservation, new_k[layer], new_v[layer])
+        for row, t, page, offset in placed:
+            expected[layer, page, 0, offset] = new_k[layer, row, t]
+            expected[layer, page, 1, offset] = new_v[layer, row, t]
+        torch.testing.assert_close(store.pool, expected, rtol=0, atol=0, equal_nan=True)
+    assert store.fork(a, 1)  # the reservation closed with the last layer
 
 
-def test_page_table_default_and_select():
-    store = _store()
-    a = store.new_sequence()
-    k, v = _tokens(14, 9)  # positions 0..3, tail (position 3) holds 2 tokens
-    store.append(a, k, v)
-    b = store.fork(a, 1)[0]
-    store.append(b, *_tokens(2, 10))  # b: tail copied, now full (16 tokens)
-    table, lens = store.page_table([a, b])
-    assert table.dtype == torch.int32 and lens.dtype == torch.int32
-    assert table.tolist() == [store.pages(a), store.pages(b)] and lens.tolist() == [14, 16]
-    table, lens = store.page_table([a, b], select=[[0, 2, 3], [3, 1]])
-    assert lens.tolist() == [4 + 4 + 2, 8]
-    # the table names pages whose slots hold the selected tokens, in select order
-    pool = store.kv_pages(1)
-    got = pool[table[0].long(), 0].reshape(12, H, D)[:10]
-    assert torch.equal(got, torch.cat([k[1, 0:4], k[1, 8:14]]))
-    got_b = pool[table[1, :2].long(), 1].reshape(8, H, D)
-    _, v_b = store.gather(b)
-    assert torch.equal(got_b, torch.cat([v_b[1, 12:16], v_b[1, 4:8]]))
-    empty_table, empty_lens = store.page_table([store.new_sequence()])
-    assert empty_table.shape == (1, 1) and empty_lens.tolist() == [0]
+def test_write_errors_name_what_was_expected_and_what_came():
+    store, other = _store(), _store()
+    a, b = store.new_sequence(), store.new_sequence()
+    res = store.reserve([a, b], 3)
+    theirs = other.reserve([other.new_sequence()], 3)
+    k, v = (t.view(L, 2, 3, H, D) for t in _tokens(6, 30))
+    wrong = [
+        (TypeError, r"takes the Reservation returned by reserve\(\), got Tensor \(a tensor: pass",
+         lambda: store.write(0, res.slots, k[0], v[0])),
+        (ValueError, rf"reservation #{theirs.serial} was made by PagedKVStore #{theirs.store_id}, "
+         rf"this is PagedKVStore #{res.store_id}$", lambda: store.write(0, theirs, k[0], v[0])),
+        (ValueError, r"k must be \[B=2, T=3, H=2, D=3\] \(the reservation's rows and tokens\), "
+         r"got \(2, 2, 2, 3\)", lambda: store.write(0, res, k[0, :, :2], v[0, :, :2])),
+        (ValueError, r"v must be \[B=2, .* got \(1, 3, 2, 3\)",
+         lambda: store.write(0, res, k[0], v[0, :1])),
+        (TypeError, r"v is torch.float64, the store holds torch.float32",
+         lambda: store.write(0, res, k[0], v[0].double())),
+        (IndexError, r"layer 2 is outside 0..1", lambda: store.write(2, res, k[0], v[0])),
+    ]  # fmt: skip
+    for error, match, call in wrong:
+        with pytest.raises(error, match=match):
+            call()
+    assert store.pool.isnan().all()  # a rejected write writes nothing
+    store.write(0, res, k[0], v[0])
+    with pytest.raises(ValueError, match=r"layer 0 of reservation #\d+ was already written; "
+                       r"layers still to write: \[1\]"):  # fmt: skip
+        store.write(0, res, k[0], v[0])
+    store.write(1, res, k[1], v[1])
+    with pytest.raises(ValueError, match=rf"reservation #{res.serial} \(sequences \[0, 1\]\) is "
+                       "closed: all 2 layers were written"):  # fmt: skip
+        store.write(1, res, k[1], v[1])
+    _assert_holds(store, a, k[:, 0], v[:, 0])
+    _assert_holds(store, b, k[:, 1], v[:, 1])
 
 
 def test_evict_drops_oldest_non_sink_pages_without_copying():
@@ -144,10 +159,6 @@ def test_evict_drops_oldest_non_sink_pages_without_copying():
     assert store.num_free_pages == 16 - 4
     store.append(seq, *_tokens(2, 12))
     assert store.positions(seq) == [0, 3, 4, 5]  # the tail filled up, absolute positions kept
-    _, lens = store.page_table([seq], select=[[0, 5]])
-    assert lens.tolist() == [8]
-    with pytest.raises(IndexError, match=r"select\[0\]\[1\] = 2: that page of sequence 0 was"):
-        store.page_table([seq], select=[[0, 2]])
 
 
 def test_snapshot_restore_and_free_everything():
@@ -176,12 +187,6 @@ def test_errors_name_the_values():
     with pytest.raises(OutOfPages, match=r"3 of 3 are free"):
         store.reserve([seq], 13)
     store.append(seq, *_tokens(5, 15))
-    with pytest.raises(IndexError, match=r"select\[0\]\[1\] = 2: sequence 0 has page positions"):
-        store.page_table([seq], select=[[0, 2]])
-    with pytest.raises(ValueError, match=r"partial tail page \(position 1, 1 of 4 tokens\)"):
-        store.page_table([seq], select=[[1, 0]])
-    with pytest.raises(ValueError, match="names a position more than once"):
-        store.page_table([seq], select=[[0, 0]])
     k, v = _tokens(2, 16)
     with pytest.raises(ValueError, match=r"k must be \[num_layers=2, T, H=2, D=3\]"):
         store.append(seq, k[:1], v[:1])
@@ -201,7 +206,7 @@ def test_errors_name_the_values():
 def test_unwritten_reservations_block_sharing_and_never_hit_freed_pages():
     store = _store(num_pages=4)
     a, b = store.new_sequence(), store.new_sequence()
-    slots = store.reserve([a, b], 4)
+    reservation = store.reserve([a, b], 4)
     with pytest.raises(RuntimeError, match="cannot fork sequence 0: it has reserved tokens"):
         store.fork(a, 1)
     store.free(b)  # b's page goes back to the pool before its K/V were written
@@ -210,7 +215,7 @@ def test_unwritten_reservations_block_sharing_and_never_hit_freed_pages():
     store.append(c, kc, vc)  # c reuses b's page
     k_new, v_new = torch.randn(L, 2, 4, H, D), torch.randn(L, 2, 4, H, D)
     for layer in range(L):
-        store.write(layer, slots, k_new[layer], v_new[layer])
+        store.write(layer, reservation, k_new[layer], v_new[layer])
     _assert_holds(store, c, kc, vc)  # the row of freed b was not written
     _assert_holds(store, a, k_new[:, 0], v_new[:, 0])
     assert store.fork(a, 1)  # the reservation closed
@@ -302,14 +307,14 @@ class StoreMachine(RuleBasedStateMachine):
         k, v = self._new_tokens(len(seqs), num_tokens)
         before = self._pool_bits()
         try:
-            slots = self.store.reserve(seqs, num_tokens)
+            reservation = self.store.reserve(seqs, num_tokens)
         except OutOfPages:
             return
         if free_one:  # freed before its K/V arrive: its row must not be written
             self.store.free(seqs[0])
             del self.refs[seqs[0]]
         for layer in layers:
-            self.store.write(layer, slots, k[layer], v[layer])
+            self.store.write(layer, reservation, k[layer], v[layer])
         for row, seq in enumerate(seqs[int(free_one) :], start=int(free_one)):
             self.refs[seq].append(k[:, row], v[:, row])
         self._written_pages_were_private(before, seqs[int(free_one) :])
