@@ -7,7 +7,9 @@ already exist (the prompt-switch recache) starts a new segment; a frame is serve
 segment holding it, and a segment none of whose frames it still serves is freed. Forking a row
 forks its segments (page refcounts, no K/V copies).
 
-What a block attends to is a page-table *view*, never a copy:
+What a block attends to is a page-table *view*, never a copy of K/V (the tables come from the
+store's :class:`~kvpo_kernels.paged.PageTableBuilder`: new tensors per view, so a view pinned
+for a later backward keeps its table while later views are built):
 
 - default: the sink frames plus the newest frames, ``local_attn_size`` frames in all with the
   block itself (LongLive: 3 sink + 9 newest, the current 3 included); ``local_attn_size = -1``
@@ -278,14 +280,9 @@ class FrameCache:
             if len(set(plan)) != len(plan):
                 raise ValueError(f"plan of row {row} names a frame more than once: {plan}")
             tables.append([held[f] for f in plan])
-        page_size = self.store.page_size
-        width = max([1] + [len(t) for t in tables])
-        table = torch.zeros(len(rows), width, dtype=torch.int32)
-        for i, pages in enumerate(tables):
-            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        lens = torch.tensor([len(t) * page_size for t in tables], dtype=torch.int32)
-        device = self.store.device
-        context = PagedContext(self.store, table.to(device), lens.to(device), backend=self.backend)
+        lens = [len(pages) * self.store.page_size for pages in tables]  # frames are full pages
+        table, ctx_lens = self.store.table_builder.build(tables, lens)
+        context = PagedContext(self.store, table, ctx_lens, backend=self.backend)
         if write:
             context.reservations = self._reserve(rows, start_frame, num_frames)
         return context

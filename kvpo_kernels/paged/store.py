@@ -8,7 +8,8 @@ position (the tail) can be partially filled, and only it is ever written after a
 into a tail shared with another sequence first copies it (copy-on-write).
 
 Bookkeeping is plain Python: no call reads device memory, so none synchronises a device; page
-tables and slot ids reach a CUDA device through pinned, non-blocking copies.
+tables (:class:`~kvpo_kernels.paged.page_table.PageTableBuilder`) and slot ids reach a CUDA
+device through pinned, non-blocking copies.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from kvpo_kernels.ops.copy_pages import copy_pages
 from kvpo_kernels.ops.write_pages import write_pages
 from kvpo_kernels.paged.allocator import OutOfPages, PageAllocator
+from kvpo_kernels.paged.page_table import PageTableBuilder
 from kvpo_kernels.paged.reservation import Reservation, ReservationLedger
 from kvpo_kernels.paged.sequence import SequenceState, UnknownSequence
 
@@ -37,6 +39,10 @@ class PagedKVStore:
     :meth:`append` (all layers at once), or :meth:`reserve` once per step and :meth:`write` per
     layer with the :class:`~kvpo_kernels.paged.reservation.Reservation` it returned (for a model
     writing K/V layer by layer during its forward).
+
+    ``table_builder`` (a :class:`~kvpo_kernels.paged.page_table.PageTableBuilder` on the
+    store's device) builds :meth:`page_table`'s results; a cache that maps its own rows to pages
+    (``kvpo.models.frame_cache``) builds its tables with it too.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class PagedKVStore:
         self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
         self._reservations = ReservationLedger(num_layers)
+        self.table_builder = PageTableBuilder(self.pool.device)
 
     # ----------------------------------------------------------------- pool and pages
     @property
@@ -317,7 +324,8 @@ class PagedKVStore:
         Returns:
             ``page_table``: ``[len(seqs), max(1, max_pages)]`` int32 page ids (rows padded with
             page 0, never to be read past ``ctx_lens``), and ``ctx_lens``: ``[len(seqs)]``
-            int32, the tokens of each row's pages; both on the store's device.
+            int32, the tokens of each row's pages; both on the store's device, new tensors
+            that later calls never overwrite (safe to keep for a later backward).
         """
         seqs = list(seqs)
         if select is not None and len(select) != len(seqs):
@@ -332,11 +340,7 @@ class PagedKVStore:
                 s.check_select(i, seq, positions, self.page_size)
             rows.append([s.pages[p] for p in positions])
             lens.append(s.tokens_in(positions, self.page_size))
-        width = max([1] + [len(r) for r in rows])
-        table = torch.zeros(len(seqs), width, dtype=torch.int32)
-        for i, row in enumerate(rows):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        return self._to_device(table), self._to_device(torch.tensor(lens, dtype=torch.int32))
+        return self.table_builder.build(rows, lens)
 
     # ----------------------------------------------------------------- internals
     def _add(self, s: SequenceState) -> int:
