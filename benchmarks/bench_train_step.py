@@ -31,14 +31,15 @@ import pytest
 import torch
 
 from benchmarks.harness import Row, metadata
-from kvpo.config import load_config
-from kvpo.distributed import DistInfo
-from kvpo.generator import load_generator
-from kvpo.metrics import PhaseTimer
+from kvpo.method.rollout import rollout_group
+from kvpo.method.routing import plan_routing
 from kvpo.models import FrameCache, generate, recache
-from kvpo.rollout import GroupNoise, noise_seed, rollout_group, segment_text, switch_texts
-from kvpo.routing import plan_routing
-from kvpo.trainer import PHASES, KVPOTrainer
+from kvpo.streaming import group_seed
+from kvpo.training.config_parse import load_config
+from kvpo.training.distributed import DistInfo
+from kvpo.training.learner import PHASES, Learner
+from kvpo.training.metrics import PhaseTimer
+from kvpo.training.trainer import build_learner
 
 SUITE = "train_step"
 STEPS = 5
@@ -47,7 +48,7 @@ STEPS = 5
 @pytest.fixture
 def trainer(device, one_cpu_thread):
     cfg = load_config(None, [f"device={device}", "show_progress=false"])
-    return KVPOTrainer(cfg, load_generator(cfg, device), DistInfo(device=device))
+    return build_learner(cfg, DistInfo(device=device))
 
 
 def _add_row(recorder, device, case, provider, ms, **extra):
@@ -77,24 +78,23 @@ def test_phase_breakdown(recorder, device, trainer):
 
 
 @torch.no_grad()
-def _sequential_clone_restore(t: KVPOTrainer, texts, plan, noise):
+def _sequential_clone_restore(t: Learner, texts, plan, noise):
     """The reference implementation's way: clone the cache after the prefix, restore the clone
     before each row, generate that row alone. Its cache is sized like the reference's fixed
     per-layer cache: one row's resident frames plus a recache segment.
     Returns ``(latents [G+1, ...], held bytes)``."""
-    cfg, G = t.cfg, t.cfg.K
+    cfg, G, stream = t.cfg, t.cfg.K, t.stream
     per_row = cfg.resident_frames + cfg.model_kwargs.local_attn_size + cfg.num_frame_per_block
     cache = FrameCache.create(
-        t.model.config, t.policy, per_row, dtype=t.model.dtype, device=t.model.device
+        t.model.config, t.cache.policy, per_row, dtype=t.model.dtype, device=t.model.device
     )
     fork, end = plan.start_frame, cfg.streaming_max_length
     (row,) = cache.new_rows(1)
     prefix = generate(
-        t.model, cache, [row], texts[0], noise.noise[:, :, :fork], sampler=t.sampler,
-        renoise=noise.renoise[:, :, :, :fork],
-        switches=switch_texts(texts, cfg.switch_frames, 0, fork, include_lo=False),
+        t.model, cache, [row], texts[0], noise.noise[:, :, :fork], sampler=stream.sampler,
+        renoise=noise.renoise[:, :, :, :fork], switches=stream.switches(texts, 0, fork),
     ).latents  # fmt: skip
-    text_fork = segment_text(texts, cfg.switch_frames, fork)
+    text_fork = stream.text_at(texts, fork)
     if fork in cfg.switch_frames:
         recache(t.model, cache, [row], prefix, text_fork, fork)
     saved = copy.deepcopy(cache)  # save_state
@@ -109,10 +109,9 @@ def _sequential_clone_restore(t: KVPOTrainer, texts, plan, noise):
             return [plan.context_frames(g, frame)]
 
         out = generate(
-            t.model, work, [row], text_fork, noise.noise[:, :, fork:end], sampler=t.sampler,
+            t.model, work, [row], text_fork, noise.noise[:, :, fork:end], sampler=stream.sampler,
             renoise=noise.renoise[:, :, :, fork:end], start_frame=fork,
-            switches=switch_texts(texts, cfg.switch_frames, fork, end, include_lo=False),
-            history=prefix, plans=plans,
+            switches=stream.switches(texts, fork, end), history=prefix, plans=plans,
         )  # fmt: skip
         held = max(held, saved.held_bytes + work.held_bytes)
         outs.append(torch.cat([prefix, out.latents], dim=2))
@@ -123,24 +122,19 @@ def _sequential_clone_restore(t: KVPOTrainer, texts, plan, noise):
 @pytest.mark.parametrize("fork", [9, 15])
 def test_rollout_batched_vs_one_branch_at_a_time(recorder, device, trainer, fork):
     t, cfg = trainer, trainer.cfg
-    prompts = t.gen.train_prompts(0, 0)
+    prompts = t.prompts.train(0, 0)
     plans = (plan_routing(t.geometry, t.chunks, cfg.K, seed=cfg.seed, step=s) for s in range(99))
     plan = next(p for p in plans if p.start_frame == fork)
-    C, H, W = t.gen.latent_shape
-    noise = GroupNoise.draw(
-        noise_seed(cfg.seed, 0, 0), (C, cfg.streaming_max_length, H, W),
-        t.schedule.num_steps, device, t.model.dtype,
-    )  # fmt: skip
+    noise = t.stream.noise(group_seed(cfg.seed, 0, 0))
     policy_frames = plan.geometry.window_frames
     with torch.no_grad():
-        texts = [t.gen.encode([p]) for p in prompts]
+        texts = t.stream.segment_texts(prompts)
 
     def ours(row_batch):
         with torch.no_grad():
             ro = rollout_group(
-                t.model, t.cache, texts, cfg.switch_frames, plan, noise, sampler=t.sampler,
-                policy_frames=policy_frames, end_frame=cfg.streaming_max_length,
-                row_batch=row_batch,
+                t.stream, texts, plan, noise, policy_frames=policy_frames,
+                end_frame=cfg.streaming_max_length, row_batch=row_batch,
             )  # fmt: skip
         t.cache.free([ro.snapshot])
         return ro

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kvpo.rewards import build_reward, score
+from kvpo.rewards.registry import build_reward, score
 from kvpo.toy.model import load_toy_model
 from kvpo.toy.prompts import heldout_prompts, parse_prompt, story_text
 from kvpo.toy.sampling import sample_videos
@@ -96,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=int, default=4, help="pixel upscaling of the outputs")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -112,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         rank = import_lora(model.wan, args.lora, alpha=args.lora_alpha)
         print(f"LoRA {args.lora} (rank {rank}) applied")
     seeds = list(range(args.seed, args.seed + args.samples))
-    videos, starts = sample_videos(
-        model, [story] * len(seeds), seeds, args.num_blocks, progress=not args.no_progress
-    )
+    videos, starts = sample_videos(model, [story] * len(seeds), seeds, args.num_blocks)
     reward = build_reward("toy")
     meta = {"segment_starts": starts}
     scores = score(reward, videos, [story] * len(seeds), meta)

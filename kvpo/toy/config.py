@@ -90,7 +90,7 @@ class ToyConfig:
         return [shift * (t / 1000) / (1 + (shift - 1) * t / 1000) for t in self.denoising_step_list]
 
     def trainer_defaults(self) -> dict:
-        """The toy run's values under :class:`kvpo.config.TrainConfig` key names."""
+        """The toy run's values under :class:`kvpo.training.config.TrainConfig` key names."""
         return {
             "denoising_step_list": list(self.denoising_step_list),
             "num_frame_per_block": self.frames_per_block,

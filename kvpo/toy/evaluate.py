@@ -1,91 +1,130 @@
-"""Score a toy model on the held-out stories: ``python -m kvpo.toy.evaluate [--checkpoint DIR]``.
+"""Score a model on the held-out prompts: ``kvpo evaluate`` (``python -m kvpo.toy.evaluate``).
 
-Samples ``--prompts`` held-out stories (:func:`kvpo.toy.prompts.heldout_prompts`, 3 segments
-each) with ``--seeds`` noise seeds each and prints the mean and standard deviation of every
-reward component, for the model and for a randomly initialised model of the same shape (seeded),
-as the markdown table of the model card. Also reports the ground-truth world videos of the same
-stories (the ceiling of each reward).
+The trainer's held-out evaluation, on its own: the same config keys (``--config`` and
+``key=value`` overrides, as ``kvpo train``), the same prompts, noise, generation and scoring
+(:func:`kvpo.training.evaluation.evaluate`), so for the same weights it prints the numbers of a
+run's ``eval_before.json``. Prints the mean and standard deviation of every reward component
+over ``eval_prompts x eval_seeds`` videos as a markdown table, for the model and, for a toy model,
+for a randomly initialised model of the same shape (seeded) and for the world's own videos of
+the same stories (the ceiling of each reward).
+
+    kvpo evaluate                                   # the shipped toy model, 16 x 2 videos
+    kvpo evaluate generator_ckpt=my_toy_weights eval_prompts=4 --json scores.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
-from kvpo.rewards import build_reward, score
-from kvpo.toy.model import ToyModel, load_toy_model
-from kvpo.toy.prompts import heldout_prompts, parse_prompt
-from kvpo.toy.sampling import sample_videos
-from kvpo.toy.world import generate_video, segment_starts
+from kvpo.rewards.clips import global_clips, score_clips
+from kvpo.rewards.registry import resolve_reward
+from kvpo.streaming import stream_from_config
+from kvpo.training.config import ConfigError, TrainConfig
+from kvpo.training.config_parse import load_config
+from kvpo.training.distributed import DistInfo, resolve_device
+from kvpo.training.evaluation import evaluate
+from kvpo.training.prompts import prompt_source
+from kvpo.training.validation import is_toy_dir, validate
+from kvpo.video_model import VideoModel, load_video_model, toy_video_model
 
 
-def reward_stats(
-    videos: torch.Tensor, stories: list[str], starts
-) -> dict[str, tuple[float, float]]:
-    """(mean, std) of each toy reward component over the videos, plus the per-segment TA."""
-    reward = build_reward("toy")
-    meta = {"segment_starts": starts}
-    out = score(reward, videos, stories, meta)
-    per_seg = reward.segment_alignment(videos, stories, meta)
-    for k in range(per_seg.shape[1]):
-        out[f"text_alignment_segment_{k}"] = per_seg[:, k]
-    return {name: (v.mean().item(), v.std().item()) for name, v in out.items()}
+def model_scores(cfg: TrainConfig, model: VideoModel, info: DistInfo) -> dict[str, list[float]]:
+    """``{component: [eval_prompts * eval_seeds]}``: the trainer's held-out evaluation."""
+    stream = stream_from_config(model, cfg, cfg.rows_per_batch)
+    prompts = prompt_source(
+        cfg.data_path, cfg.eval_data_path, num_segments=len(cfg.switch_frames) + 1,
+        eval_prompts=cfg.eval_prompts, seed=cfg.seed,
+    ).heldout(cfg.eval_prompts)  # fmt: skip
+    return evaluate(
+        stream, resolve_reward(cfg.reward_model), prompts, cfg.eval_seeds, base_seed=cfg.seed,
+        info=info, batch=cfg.rows_per_batch, clip_len=cfg.long_reward_normal_clip_len,
+    )  # fmt: skip
 
 
-def evaluate(model: ToyModel, prompts: int, seeds: int, num_blocks: int | None = None) -> dict:
-    """Held-out reward statistics of ``model`` (``prompts * seeds`` videos)."""
-    stories = [s for s in heldout_prompts(prompts) for _ in range(seeds)]
-    seed_list = [1000 + i for i in range(len(stories))]
-    videos, starts = sample_videos(model, stories, seed_list, num_blocks, progress=True)
-    return reward_stats(videos, stories, starts)
+def world_scores(cfg: TrainConfig) -> dict[str, list[float]]:
+    """The same scores for the toy world's own videos of the held-out stories."""
+    from kvpo.toy.prompts import parse_prompt
+    from kvpo.toy.world import generate_video
+
+    prompts = prompt_source(
+        None, None, num_segments=len(cfg.switch_frames) + 1, eval_prompts=cfg.eval_prompts,
+        seed=cfg.seed,
+    ).heldout(cfg.eval_prompts)  # fmt: skip
+    layout = cfg.latent_layout()
+    bounds = [0, *layout.switches, layout.num_frames]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    videos, seqs = [], []
+    for p, seq in enumerate(prompts):
+        for s in range(cfg.eval_seeds):
+            segments = [parse_prompt(text)[0] for text in seq]
+            videos.append(generate_video(segments, lengths[: len(seq)], seed=1000 * p + s).frames)
+            seqs.append(seq)
+    clips = [global_clips(layout, seq, cfg.long_reward_normal_clip_len) for seq in seqs]
+    values = score_clips(resolve_reward(cfg.reward_model), torch.stack(videos), clips)
+    return {k: v.tolist() for k, v in values.items()}
 
 
-def world_stats(prompts: int, seeds: int, num_blocks: int = 8) -> dict:
-    """The same statistics for the world's own videos of the held-out stories."""
-    stories = [s for s in heldout_prompts(prompts) for _ in range(seeds)]
-    videos, starts = [], []
-    for i, story in enumerate(stories):
-        segs = parse_prompt(story)
-        s = segment_starts(len(segs), num_blocks)
-        lengths = [b - a for a, b in zip(s, [*s[1:], num_blocks * 3])]
-        videos.append(generate_video(segs, lengths, seed=1000 + i).frames)
-        starts.append(s)
-    return reward_stats(torch.stack(videos), stories, starts)
+def table(rows: dict[str, dict[str, list[float]]]) -> str:
+    """Markdown: one row per model, ``mean +- std`` per component."""
+    names = list(next(iter(rows.values())))
+    lines = ["| model | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
+    for label, scores in rows.items():
+        cells = []
+        for n in names:
+            v = torch.tensor(scores[n], dtype=torch.float64)
+            cells.append(f"{v.mean():.4f} +- {v.std() if len(v) > 1 else 0.0:.4f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kvpo.toy.evaluate", description=__doc__)
-    parser.add_argument("--checkpoint", default=None, help="toy model dir (default: shipped)")
-    parser.add_argument("--prompts", type=int, default=16, help="held-out stories")
-    parser.add_argument("--seeds", type=int, default=2, help="noise seeds per story")
-    parser.add_argument("--num-blocks", type=int, default=None, help="blocks per video")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--json", default=None, help="also write the numbers to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model = load_toy_model(args.checkpoint)
-    torch.manual_seed(0)
-    rows = {
-        "pretrained": evaluate(model, args.prompts, args.seeds, args.num_blocks),
-        "random weights": evaluate(
-            ToyModel(model.config).eval(), args.prompts, args.seeds, args.num_blocks
-        ),
-        "world (ground truth)": world_stats(
-            args.prompts, args.seeds, args.num_blocks or model.config.num_blocks
-        ),
-    }
-    names = list(rows["pretrained"])
-    print("| model | " + " | ".join(names) + " |")
-    print("| --- " * (len(names) + 1) + "|")
-    for label, stats in rows.items():
-        cells = " | ".join(f"{stats[n][0]:.3f} +- {stats[n][1]:.3f}" for n in names)
-        print(f"| {label} | {cells} |")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpo evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config (the trainer's keys); default: toy run")
+    parser.add_argument("--json", help="also write every score to this file")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the random-weight and world rows"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    info = DistInfo(device=resolve_device(cfg.device))
+    model = load_video_model(cfg, info.device)
+    rows = {"model": model_scores(cfg, model, info)}
+    toy = cfg.generator_ckpt is None or is_toy_dir(cfg.generator_ckpt)
+    if toy and not args.no_baselines:
+        from kvpo.toy.model import ToyModel, load_toy_model
+
+        torch.manual_seed(0)
+        config = load_toy_model(cfg.generator_ckpt).config
+        fresh = toy_video_model(ToyModel(config).eval().to(info.device))
+        rows["random weights"] = model_scores(cfg, fresh, info)
+        rows["world (ground truth)"] = world_scores(cfg)
+    print(f"held-out rewards: {cfg.eval_prompts} prompts x {cfg.eval_seeds} seeds")
+    print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(rows, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kvpo.rewards import register_reward
+from kvpo.rewards.registry import register_reward
 from kvpo.toy.objects import FrameObjects, measure
 from kvpo.toy.prompts import COLOURS, DIRECTIONS, SHAPES, parse_prompt
 from kvpo.toy.world import segment_starts

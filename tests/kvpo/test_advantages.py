@@ -6,7 +6,8 @@ import statistics
 import pytest
 import torch
 
-from kvpo.advantages import (
+from kvpo.method.advantages import (
+    AdvantageConfig,
     anchor_advantage,
     any_branch_beats_anchor,
     group_advantages,
@@ -82,17 +83,21 @@ def test_clip_and_weights_by_hand():
     # population std of [-1, 1] is 1 -> normalised [-1, 1]; global the same, reversed.
     loc = ({"r": t([0.0, 1.0])}, {"r": t(0.5)})
     glo = ({"r": t([1.0, 0.0])}, {"r": t(0.5)})
-    out = group_advantages(loc, glo, {"r": 1.0}, local_weight=1.0, global_weight=0.5)
+    out = group_advantages(
+        loc, glo, {"r": 1.0}, AdvantageConfig(local_weight=1.0, global_weight=0.5)
+    )
     assert out.local.tolist() == pytest.approx([-1.0, 1.0], rel=1e-6)
     assert out.final.tolist() == pytest.approx([-0.5, 0.5], rel=1e-6)
-    big = group_advantages(loc, glo, {"r": 1.0}, local_weight=4.0, global_weight=0.0, clip=2.5)
+    big = group_advantages(
+        loc, glo, {"r": 1.0}, AdvantageConfig(local_weight=4.0, global_weight=0.0, clip=2.5)
+    )
     assert big.fused.tolist() == pytest.approx([-4.0, 4.0], rel=1e-6)
     assert big.final.tolist() == [-2.5, 2.5] and big.clip_fraction == 1.0
 
 
 def test_local_only_and_grpo_mode():
     loc = ({"r": t([0.0, 1.0, 2.0])}, {"r": t(100.0)})
-    out = group_advantages(loc, None, {"r": 1.0}, mode="grpo")
+    out = group_advantages(loc, None, {"r": 1.0}, AdvantageConfig(mode="grpo"))
     # grpo ignores the anchor: [-1, 0, 1] / 1 -> pstd sqrt(2/3)
     s = math.sqrt(2 / 3)
     assert out.final.tolist() == pytest.approx([-1 / s, 0.0, 1 / s], rel=1e-6)

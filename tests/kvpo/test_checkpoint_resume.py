@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvpo import checkpoint as ckpt
-from kvpo.checkpoint import (
+from kvpo.training import checkpoint as ckpt
+from kvpo.training.checkpoint import (
     TrainingState,
     capture_rng,
     load_checkpoint,
@@ -145,12 +145,11 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path):
 def test_exported_adapter_starts_a_new_run_as_its_base(tmp_path):
     """``lora_ckpt=<run>/adapter/...``: the LoRA is merged into the base weights, so the new
     run's reference policy (adapters disabled) is the trained model."""
-    from kvpo.distributed import DistInfo
-    from kvpo.generator import load_generator
     from kvpo.models.lora import adapters, adapters_disabled, import_lora
     from kvpo.toy.model import load_toy_model
     from kvpo.train import main
-    from kvpo.trainer import KVPOTrainer
+    from kvpo.training.distributed import DistInfo
+    from kvpo.training.trainer import build_learner
     from tests.kvpo.trainer_fixtures import tiny_args, tiny_config, tiny_generator_dir
 
     weights = tiny_generator_dir(tmp_path / "weights")
@@ -158,14 +157,14 @@ def test_exported_adapter_starts_a_new_run_as_its_base(tmp_path):
     assert main(tiny_args(weights, tmp_path, "run_name=a", *quiet)) == 0
     lora = tmp_path / "a" / "adapter" / "adapter_model.safetensors"
     cfg = tiny_config(weights, tmp_path, f"lora_ckpt={lora}")
-    trainer = KVPOTrainer(cfg, load_generator(cfg, torch.device("cpu")), DistInfo())
+    trainer = build_learner(cfg, DistInfo())
     assert adapters(trainer.model) == ["default", "old"]
     reference = load_toy_model(weights)  # base + the trained LoRA as an adapter
     import_lora(reference.wan, lora)
     x = torch.randn(1, 3, 3, 16, 16)
     expected = reference.wan(x, 500.0, reference.encode(["a red circle moves left"]), 0)
     with torch.no_grad(), adapters_disabled(trainer.model):
-        got = trainer.model(x, 500.0, trainer.gen.encode(["a red circle moves left"]), 0)
+        got = trainer.model(x, 500.0, trainer.video_model.encode(["a red circle moves left"]), 0)
     reference.wan.transformer.disable_adapters()
     base = reference.wan(x, 500.0, reference.encode(["a red circle moves left"]), 0)
     assert (expected - base).abs().max() > 1e-3  # the LoRA matters

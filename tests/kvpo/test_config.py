@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvpo.config import ConfigError, TrainConfig, all_keys, help_text, load_config
-from kvpo.config_checks import validate
-from kvpo.prompt_file import load_prompt_file
+from kvpo.training.config import ConfigError, TrainConfig
+from kvpo.training.config_parse import all_keys, help_text, load_config
+from kvpo.training.prompts import load_prompt_file
+from kvpo.training.validation import validate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -6,7 +6,7 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-from kvpo.distributed import (
+from kvpo.training.distributed import (
     DistInfo,
     any_rank,
     average_gradients,
@@ -85,13 +85,12 @@ def test_single_process_is_a_no_op():
 
 
 def _trainer(weights, run_dir, info):
-    from kvpo.generator import load_generator
-    from kvpo.trainer import KVPOTrainer
+    from kvpo.training.trainer import build_learner
     from tests.kvpo.trainer_fixtures import tiny_config
 
     cfg = tiny_config(weights, run_dir)
     torch.manual_seed(123)  # the LoRA init; ranks > 0 receive rank 0's by broadcast anyway
-    return KVPOTrainer(cfg, load_generator(cfg, info.device), info)
+    return build_learner(cfg, info)
 
 
 def _kvpo_worker(rank: int, world: int, port: int, weights: str, out_dir: str) -> None:
@@ -120,7 +119,7 @@ def test_kvpo_step_two_ranks_equals_one_process_two_groups(tmp_path):
     """Two gloo processes: a plain MLP's averaged updates equal one process on both groups'
     mean loss; one KVPO step with a group per rank == one process accumulating both groups'
     gradients (rank 0's and rank 1's prompts, plans and noise), averaged, then one update."""
-    from kvpo.metrics import PhaseTimer
+    from kvpo.training.metrics import PhaseTimer
     from tests.kvpo.trainer_fixtures import tiny_generator_dir
 
     weights = tiny_generator_dir(tmp_path / "weights")

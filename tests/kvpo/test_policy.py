@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvpo_kernels
-from kvpo.policy import PolicyConfig, branch_log_probs, policy_loss, reward_scale
+from kvpo.method.policy import PolicyConfig, branch_log_probs, policy_loss, reward_scale
 
 
 def _reference_loss(

@@ -8,6 +8,9 @@ calls, context passes and an fp64 energy.
 import pytest
 import torch
 
+from kvpo.method.replay import replay_energies, step_weights
+from kvpo.method.rollout import rollout_group
+from kvpo.method.routing import RoutingGeometry, chunk_layout, plan_routing
 from kvpo.models import (
     CachePolicy,
     CausalWan,
@@ -18,9 +21,9 @@ from kvpo.models import (
     recache,
     tiny_config,
 )
-from kvpo.replay import replay_energies, step_weights
-from kvpo.rollout import GroupNoise, rollout_group, switch_texts
-from kvpo.routing import RoutingGeometry, chunk_layout, plan_routing
+from kvpo.rewards.clips import VideoLayout
+from kvpo.streaming import StreamingGenerator, VideoNoise
+from kvpo.video_model import VideoModel
 
 F, T, SWITCHES = 3, 15, (6,)
 POLICY = CachePolicy(sink_size=1, local_attn_size=6, resident_frames=12, frames_per_block=F)
@@ -46,6 +49,18 @@ def _cache(model):
     return FrameCache.create(model.config, POLICY, 256)
 
 
+def _stream(model, rows=4):
+    """The generator under test: the model with a ``rows``-row cache (sampler rule x0)."""
+    video_model = VideoModel(model, None, None, lambda f: f, (model.config.in_channels, 8, 8))
+    layout = VideoLayout(T, SWITCHES)
+    return StreamingGenerator(video_model, POLICY, SCHEDULE, rule="x0", layout=layout, rows=rows)
+
+
+def _switches(texts, lo, hi):
+    """``{frame: text}`` of the switches in ``(lo, hi)``, written out plainly."""
+    return {f: texts[k + 1] for k, f in enumerate(SWITCHES) if lo < f < hi}
+
+
 def _plan(first_chunk):
     """Chunks (6, 6, 3): the window starts at the switch frame 6; (9, 6): at frame 9."""
     return plan_routing(GEOMETRY, chunk_layout(T, first_chunk, 6), 3, seed=3, step=0)
@@ -53,7 +68,7 @@ def _plan(first_chunk):
 
 def _noise(model):
     C = model.config.in_channels
-    return GroupNoise.draw(11, (C, T, 8, 8), SCHEDULE.num_steps, "cpu", torch.float32)
+    return VideoNoise.draw(11, (C, T, 8, 8), SCHEDULE.num_steps, "cpu", torch.float32)
 
 
 def _reference_branch(model, texts, plan, noise, branch):
@@ -69,7 +84,7 @@ def _reference_branch(model, texts, plan, noise, branch):
     with torch.no_grad():
         out = generate(
             model, cache, rows, texts[0], noise.noise, sampler=FewStepSampler(SCHEDULE),
-            renoise=noise.renoise, switches=switch_texts(texts, SWITCHES, 0, T, False),
+            renoise=noise.renoise, switches=_switches(texts, 0, T),
             plans=plans, record=True,
         )  # fmt: skip
     return out
@@ -82,10 +97,11 @@ def test_rollout_equals_branches_generated_alone(setup, row_batch, first_chunk):
     plan = _plan(first_chunk)
     assert plan.start_frame == first_chunk
     noise = _noise(model)
-    cache = _cache(model)
+    stream = _stream(model)
+    cache = stream.cache
     ro = rollout_group(
-        model, cache, texts, SWITCHES, plan, noise, sampler=FewStepSampler(SCHEDULE),
-        policy_frames=plan.geometry.window_frames, end_frame=T, row_batch=row_batch,
+        stream, texts, plan, noise, policy_frames=plan.geometry.window_frames, end_frame=T,
+        row_batch=row_batch,
     )  # fmt: skip
     assert ro.policy_starts == plan.block_starts
     S = SCHEDULE.num_steps
@@ -115,7 +131,7 @@ def _reference_energy(model, texts, ro, branch, weights):
     (row,) = cache.new_rows(1)
     fork = ro.fork
     prefix = ro.latents[branch : branch + 1, :, :fork]
-    sw = switch_texts(texts, SWITCHES, 0, fork + 1, include_lo=False)
+    sw = _switches(texts, 0, fork + 1)
     with torch.no_grad():
         for start in range(0, fork, F):  # re-encode the prefix block by block, switches included
             text = texts[sum(1 for s in SWITCHES if s <= start)]
@@ -144,23 +160,19 @@ def test_replay_energy_against_explicit_replay(setup):
     weights = step_weights(SCHEDULE, "sigma2")
     for first_chunk in (6, 9):
         plan = _plan(first_chunk)
-        cache = _cache(model)
+        stream = _stream(model)
+        cache = stream.cache
         ro = rollout_group(
-            model, cache, texts, SWITCHES, plan, _noise(model), sampler=FewStepSampler(SCHEDULE),
-            policy_frames=plan.geometry.window_frames, end_frame=T,
+            stream, texts, plan, _noise(model), policy_frames=plan.geometry.window_frames,
+            end_frame=T,
         )  # fmt: skip
         with torch.no_grad():
-            energy = replay_energies(
-                model, cache, ro, texts, SWITCHES, SCHEDULE, weights, branches=[0, 1, 2],
-                grad_steps=1,
-            )  # fmt: skip
+            energy = replay_energies(stream, ro, texts, weights, branches=[0, 1, 2], grad_steps=1)
         expected = torch.stack([_reference_energy(model, texts, ro, g, weights) for g in range(3)])
         torch.testing.assert_close(energy.double(), expected, rtol=1e-4, atol=1e-10)
         assert (energy > 0).all()
         # branch subsets give the same energies; with grad the first step carries the graph
-        sub = replay_energies(
-            model, cache, ro, texts, SWITCHES, SCHEDULE, weights, branches=[2, 0], grad_steps=1
-        )
+        sub = replay_energies(stream, ro, texts, weights, branches=[2, 0], grad_steps=1)
         assert sub.requires_grad == any(p.requires_grad for p in model.parameters())
         torch.testing.assert_close(sub.detach(), energy[[2, 0]], rtol=1e-5, atol=1e-10)
         assert cache.rows() == [ro.snapshot]

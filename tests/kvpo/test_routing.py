@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpo.routing import (
+from kvpo.method.routing import (
     RoutingError,
     RoutingGeometry,
     RoutingPlan,

@@ -7,9 +7,10 @@ import torch
 import yaml
 from PIL import Image
 
-from kvpo.config import ConfigError, load_config
-from kvpo.rewards import register_reward
+from kvpo.rewards.registry import register_reward
 from kvpo.train import main
+from kvpo.training.config import ConfigError
+from kvpo.training.config_parse import load_config
 from tests.kvpo.trainer_fixtures import tiny_args, tiny_generator_dir
 
 
@@ -85,8 +86,8 @@ def test_end_to_end(weights, tmp_path, capsys):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from kvpo.checkpoint import load_checkpoint
     from kvpo.toy.model import load_toy_model
+    from kvpo.training.checkpoint import load_checkpoint
 
     base = load_toy_model(weights).wan.transformer
     peft_model = PeftModel.from_pretrained(base, str(run / "adapter"))
@@ -145,10 +146,9 @@ def test_micro_batched_step_matches_full_batch(weights, tmp_path):
     """row_micro_batch=2 (rollout, replays and evaluation in micro-batches; the current policy's
     replay in two passes: dL/dE, then each micro-batch's share) and gradient checkpointing give
     the gradient of all rows at once."""
-    from kvpo.distributed import DistInfo
-    from kvpo.generator import load_generator
-    from kvpo.metrics import PhaseTimer
-    from kvpo.trainer import KVPOTrainer
+    from kvpo.training.distributed import DistInfo
+    from kvpo.training.metrics import PhaseTimer
+    from kvpo.training.trainer import build_learner
     from tests.kvpo.trainer_fixtures import tiny_config
 
     grads, records = [], []
@@ -157,7 +157,7 @@ def test_micro_batched_step_matches_full_batch(weights, tmp_path):
             weights, tmp_path, f"row_micro_batch={micro}", f"gradient_checkpointing={ckpt}"
         )
         torch.manual_seed(5)
-        trainer = KVPOTrainer(cfg, load_generator(cfg, torch.device("cpu")), DistInfo())
+        trainer = build_learner(cfg, DistInfo())
         trainer.optimizer.zero_grad(set_to_none=True)
         records.append(trainer.group_gradients(1, PhaseTimer()))
         grads.append({k: p.grad.clone() for k, p in trainer.named_params.items()})
@@ -176,22 +176,23 @@ def test_micro_batched_step_matches_full_batch(weights, tmp_path):
 def test_update_moves_probability_toward_positive_advantages(weights, tmp_path):
     """Wiring and sign, end to end: after one update on a group with given advantages, the
     replayed branch policy puts more log-probability on the positive-advantage branches."""
-    from kvpo.distributed import DistInfo
-    from kvpo.generator import load_generator
-    from kvpo.metrics import PhaseTimer
-    from kvpo.policy import branch_log_probs
-    from kvpo.trainer import KVPOTrainer
+    from kvpo.method.policy import branch_log_probs
+    from kvpo.training.distributed import DistInfo
+    from kvpo.training.learner import GroupData
+    from kvpo.training.metrics import PhaseTimer
+    from kvpo.training.trainer import build_learner
     from tests.kvpo.trainer_fixtures import tiny_config
 
     cfg = tiny_config(weights, tmp_path, "kl_coef=0", "lr=1e-4", "lr_warmup_steps=1")
-    trainer = KVPOTrainer(cfg, load_generator(cfg, torch.device("cpu")), DistInfo())
-    prompts = trainer.gen.train_prompts(0, 0)
+    trainer = build_learner(cfg, DistInfo())
+    prompts = trainer.prompts.train(0, 0)
     ro = trainer.rollout(0, prompts, 0)
     adv = torch.tensor([1.0, -1.0, 0.5])
     with torch.no_grad():
         before = trainer.energies(ro, prompts, [0, 1, 2], "default")
+        old = trainer.energies(ro, prompts, [0, 1, 2], "old")
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._backward(ro, prompts, adv, True, PhaseTimer())
+    trainer.policy_gradients(GroupData(ro, prompts, adv, True, old, old, {}), PhaseTimer())
     trainer.apply_update(PhaseTimer())
     with torch.no_grad():
         after = trainer.energies(ro, prompts, [0, 1, 2], "default")
@@ -232,12 +233,12 @@ def test_wan_checkpoint_path(tmp_path, monkeypatch):
     rewards and held-out scores are computed on the decoded frames (4 per latent frame)."""
     from safetensors.torch import save_file
 
-    from kvpo.config_checks import validate
-    from kvpo.distributed import DistInfo
-    from kvpo.generator import load_generator
     from kvpo.models import CausalWan, WanConfig, encoders
-    from kvpo.scoring import VideoLayout
-    from kvpo.trainer import KVPOTrainer
+    from kvpo.rewards.clips import VideoLayout
+    from kvpo.training.distributed import DistInfo
+    from kvpo.training.trainer import build_learner
+    from kvpo.training.validation import validate
+    from kvpo.video_model import load_video_model
     from tests.kvpo.trainer_fixtures import tiny_config
 
     monkeypatch.setattr(encoders, "WanTextEncoder", _FakeTextEncoder)
@@ -263,11 +264,11 @@ def test_wan_checkpoint_path(tmp_path, monkeypatch):
     validate(cfg)
     with pytest.raises(ConfigError, match="wan_model_path must name a local Wan2.1 directory"):
         validate(tiny_config(ckpt, tmp_path, data))
-    gen = load_generator(cfg, torch.device("cpu"))
-    assert gen.latent_shape == (16, 60, 104) and gen.heldout_prompts(1) == [
+    gen = load_video_model(cfg, torch.device("cpu"))
+    trainer = build_learner(cfg, DistInfo(), model=gen)
+    assert gen.latent_shape == (16, 60, 104) and trainer.prompts.heldout(1) == [
         ["a cyan triangle moves right", "a cyan triangle moves up"]
     ]
-    trainer = KVPOTrainer(cfg, gen, DistInfo())
     record = trainer.train_step(0)
     assert trainer.video_layout == VideoLayout(45, (21,))  # 12 latent frames, switch at 6
     assert trainer.last_videos.shape == (3, 45, 3, 16, 16)

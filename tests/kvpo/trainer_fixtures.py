@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from kvpo.config import TrainConfig, load_config
+from kvpo.training.config import TrainConfig
+from kvpo.training.config_parse import load_config
 
 TINY_OVERRIDES = [
     "streaming_max_length=12",

@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 
-from kvpo.checkpoint import export_adapter
 from kvpo.models.lora import (
     active_adapter,
     adapters_disabled,
@@ -17,6 +16,7 @@ from kvpo.models.lora import (
     lora_parameters,
     lora_state_dict,
 )
+from kvpo.training.checkpoint import export_adapter
 from tests.kvpo.models.reference import random_model
 
 # LongLive's targets: every nn.Linear of a block, in the original Wan naming

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvpo.models.frame_cache import FrameCache
-from kvpo.rewards import build_reward, score
+from kvpo.rewards.registry import build_reward, score
 from kvpo.sample import main as sample_main
 from kvpo.toy.config import TOY
 from kvpo.toy.model import WEIGHTS_DIR, ToyModel, load_toy_model
@@ -127,7 +127,6 @@ def test_sample_command_writes_files_and_prints_rewards(tmp_path, capsys):
             "2",
             "--out",
             str(tmp_path),
-            "--no-progress",
         ]
     )
     text = capsys.readouterr().out

@@ -7,7 +7,13 @@ from collections import deque
 import pytest
 import torch
 
-from kvpo.rewards import available_rewards, build_reward, register_reward, score, weighted_sum
+from kvpo.rewards.registry import (
+    available_rewards,
+    build_reward,
+    register_reward,
+    score,
+    weighted_sum,
+)
 from kvpo.toy.objects import hue_saturation, label_components
 
 RED, BLUE = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)

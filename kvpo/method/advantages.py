@@ -94,21 +94,35 @@ class GroupAdvantages:
         return float((self.final != self.fused).float().mean())
 
 
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """How per-signal advantages are formed and fused (defaults: the method's).
+
+    ``mode``: ``"anchor"`` (reward minus the anchor's) or ``"grpo"`` (minus the group mean);
+    ``fusion_mode``: scaling of each signal before fusion (:func:`normalize_for_fusion`);
+    ``clip``: bound of the fused advantage (``<= 0``: no clip).
+    """
+
+    mode: str = "anchor"
+    fusion_mode: str = "std"
+    local_weight: float = 1.0
+    global_weight: float = 0.5
+    clip: float = 2.5
+
+
 def group_advantages(
     local: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
     global_: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
     weights: dict[str, float],
-    *,
-    mode: str = "anchor",
-    fusion_mode: str = "std",
-    local_weight: float = 1.0,
-    global_weight: float = 0.5,
-    clip: float = 2.5,
+    config: AdvantageConfig | None = None,
 ) -> GroupAdvantages:
     """Advantages of one group from ``(branch rewards, anchor rewards)`` per signal.
 
-    Either signal may be None (training on one only); ``clip <= 0`` disables clipping.
+    Either signal may be None (training on one only).
     """
+    config = config or AdvantageConfig()
+    mode, fusion_mode, clip = config.mode, config.fusion_mode, config.clip
+    local_weight, global_weight = config.local_weight, config.global_weight
     if local is None and global_ is None:
         raise ValueError("need the local or the global rewards (or both), got neither")
     signals, components, fused = {}, {}, None

@@ -1,25 +1,21 @@
-"""Trainer configuration: one dataclass, YAML files and ``key=value`` overrides.
+"""Trainer configuration: one dataclass, its allowed choices, and the typed views built from it.
 
 Key names follow the LongLive / MemFlow KVPO YAML files (``K``, ``m_nearest_frames``,
 ``perturb_num_blocks``, ``model_kwargs.local_attn_size``, ``adapter.rank``, ...) where they mean
 the same thing; the defaults are the built-in toy run (``python -m kvpo.train`` with no
-arguments). Nested keys are dotted on the command line: ``adapter.rank=8``. Values from YAML and
-overrides are coerced to the field's type (``lr=1e-4`` is a float even though YAML reads it as a
-string); an unknown key is an error that names the closest known key.
-
-This module only parses and type-checks; :mod:`kvpo.config_checks` validates a parsed config
-against the files and the routing geometry before any work starts.
+arguments). A field's allowed values are declared with it (``choices``), listed by ``--help`` and
+checked by :mod:`kvpo.training.validation`. The flat keys become the typed objects the method
+uses in one place: :meth:`TrainConfig.cache_policy`, :meth:`~TrainConfig.schedule`,
+:meth:`~TrainConfig.routing_geometry`, :meth:`~TrainConfig.chunks`,
+:meth:`~TrainConfig.policy_config`, :meth:`~TrainConfig.advantage_config`,
+:meth:`~TrainConfig.latent_layout`. Reading files and overrides: :mod:`kvpo.training.config_parse`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -28,9 +24,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run; raised before any work starts."""
 
 
-def _f(default, help: str, group: str | None = None):
-    """A dataclass field with help text (``group`` starts a new section in ``--help``)."""
-    meta = {"help": help, "group": group}
+def _f(default, help: str, group: str | None = None, choices: tuple | None = None):
+    """A dataclass field with help text (``group`` starts a new section in ``--help``) and, where
+    only some values are allowed, their ``choices``."""
+    meta = {"help": help, "group": group, "choices": choices}
     if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda d=default: _copy(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -57,7 +54,7 @@ class ModelKwargs:
 class AdapterConfig:
     """LoRA adapter (peft) trained by KVPO (LongLive's ``adapter``)."""
 
-    type: str = _f("lora", "adapter type; only 'lora'")
+    type: str = _f("lora", "adapter type", choices=("lora",))
     rank: int = _f(16, "LoRA rank (method default 256 for Wan-1.3B)")
     alpha: float = _f(16.0, "LoRA alpha (scale alpha / rank)")
     dropout: float = _f(0.0, "LoRA dropout")
@@ -102,8 +99,10 @@ class TrainConfig:
         "generator_ckpt; local files only",
     )
     device: str = _f("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'")
-    dtype: str = _f("float32", "compute dtype: float32, bfloat16 or float16")
-    kernel_backend: str = _f("auto", "kvpo_kernels backend: auto, torch, triton or cpp")
+    dtype: str = _f("float32", "compute dtype", choices=("float32", "bfloat16", "float16"))
+    kernel_backend: str = _f(
+        "auto", "kvpo_kernels backend", choices=("auto", "torch", "triton", "cpp")
+    )
     cpu_threads: int = _f(
         0,
         "torch intra-op threads on CPU; 0 = torch's default (1 is faster on shared cores)",
@@ -111,7 +110,9 @@ class TrainConfig:
     denoising_step_list: list[int] = _f([1000, 750, 500, 250], "few-step sampler timesteps")
     warp_denoising_step: bool = _f(True, "map the timesteps through the shifted schedule")
     sampler_rule: str = _f(
-        "euler", "'x0' (re-noise x0_hat: the distilled models) or 'euler' (the toy model's ODE)"
+        "euler",
+        "'x0' (re-noise x0_hat: the distilled models) or 'euler' (the toy model's ODE)",
+        choices=("x0", "euler"),
     )
     num_frame_per_block: int = _f(3, "latent frames generated per block")
     context_noise: int = _f(0, "timestep of the context pass that writes a block's K/V")
@@ -136,25 +137,38 @@ class TrainConfig:
     perturb_num_blocks: int = _f(2, "P: consecutive routed blocks")
     perturb_within_first_x_chunks: int = _f(7, "the routed window starts in these first chunks")
     routing_mode: str = _f(
-        "dispersed", "'dispersed' (slices of one permutation, reference) or 'independent'"
+        "dispersed",
+        "'dispersed' (slices of one permutation, reference) or 'independent'",
+        choices=("dispersed", "independent"),
     )
     row_micro_batch: int = _f(0, "rows (branches + anchor) per forward; 0 = all at once")
     # rewards and advantages
-    reward_model: str = _f("toy", "reward model name (kvpo.rewards registry)", "rewards")
+    reward_model: str = _f(
+        "toy",
+        "reward model: a registered name (kvpo.rewards registry) or an import path "
+        "'pkg.module:Factory' (called with no arguments)",
+        "rewards",
+    )
     reward_components: list[RewardComponent] = _f(TOY_REWARDS, "weighted reward components")
     train_local: bool = _f(True, "use the local reward (the forked chunk)")
     train_global: bool = _f(True, "use the global reward (one clip per prompt segment)")
     long_reward_normal_clip_len: int = _f(
         0, "frames of each global per-segment clip, centred in the segment; 0 = whole segment"
     )
-    advantage_mode: str = _f("anchor", "'anchor' (KVPO) or 'grpo' (group mean)")
-    advantage_fusion_mode: str = _f("std", "per-signal scaling before fusion: std, none, zscore")
+    advantage_mode: str = _f(
+        "anchor", "'anchor' (KVPO) or 'grpo' (group mean)", choices=("anchor", "grpo")
+    )
+    advantage_fusion_mode: str = _f(
+        "std", "per-signal scaling before fusion", choices=("std", "none", "zscore")
+    )
     advantage_fusion_local_weight: float = _f(1.0, "weight of the local advantage")
     advantage_fusion_global_weight: float = _f(0.5, "weight of the global advantage")
     adv_clip_max: float = _f(2.5, "clip of the fused advantage (0 = off)")
     # policy
     tau: float = _f(2.0, "temperature of the branch softmax: logit = -E / tau", "policy (TVE)")
-    tve_step_weight: str = _f("sigma2", "w_s of the energy: 'sigma2' (x0 MSE) or 'uniform'")
+    tve_step_weight: str = _f(
+        "sigma2", "w_s of the energy: 'sigma2' (x0 MSE) or 'uniform'", choices=("sigma2", "uniform")
+    )
     log_prob_grad_steps: int = _f(2, "denoising steps replayed with gradient (the first ones)")
     policy_window_frames: int = _f(0, "frames whose energy forms pi; 0 = the routed window")
     clip_range_low: float = _f(0.1, "ratio clip below: 1 - clip_range_low")
@@ -162,13 +176,20 @@ class TrainConfig:
     log_ratio_clamp: float = _f(20.0, "clamp of the log ratio")
     kl_coef: float = _f(10.0, "coefficient of the discrete KL to the reference policy")
     kl_reference_initial: bool = _f(True, "KL reference: initial model (True) or old policy")
-    ppo_epochs: int = _f(1, "updates per rollout")
+    gated_scale: float = _f(0.5, "loss scale s of a group where no branch beats the anchor")
+    ppo_epochs: int = _f(
+        1, "updates per rollout: each epoch replays the same rollout with the old energies fixed"
+    )
     gradient_checkpointing: bool = _f(False, "recompute grad-carrying replay forwards")
     # optimisation
     lr: float = _f(
         1e-4, "AdamW learning rate (method: 1e-5 at rank 256 on Wan-1.3B)", "optimisation"
     )
-    lr_scheduler: str = _f("constant_with_warmup", "constant, constant_with_warmup, cosine, linear")
+    lr_scheduler: str = _f(
+        "constant_with_warmup",
+        "learning-rate schedule",
+        choices=("constant", "constant_with_warmup", "cosine", "linear"),
+    )
     lr_warmup_steps: int = _f(5, "linear warmup steps")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     beta1: float = _f(0.9, "AdamW beta1")
@@ -212,7 +233,92 @@ class TrainConfig:
     def reward_weights(self) -> dict[str, float]:
         return {c.name: c.weight for c in self.reward_components}
 
+    @property
+    def rows_per_batch(self) -> int:
+        """Cache rows alive at once (rollout, replays, evaluation): ``row_micro_batch`` or
+        G + 1."""
+        return min(self.row_micro_batch or self.K + 1, self.K + 1)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    # ---------------------------------------------------------------- typed views
+    def cache_policy(self):
+        """:class:`~kvpo.models.CachePolicy`: sink + window view over the resident frames."""
+        from kvpo.models.frame_cache import CachePolicy
+
+        mk = self.model_kwargs
+        return CachePolicy(
+            mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block
+        )
+
+    def schedule(self):
+        """:class:`~kvpo.models.FlowSchedule` of the few-step sampler."""
+        from kvpo.models.sampler import FlowSchedule
+
+        return FlowSchedule(
+            tuple(self.denoising_step_list),
+            self.model_kwargs.timestep_shift,
+            warp=self.warp_denoising_step,
+        )
+
+    def routing_geometry(self):
+        """:class:`~kvpo.method.routing.RoutingGeometry` of the CHR plan."""
+        from kvpo.method.routing import RoutingGeometry
+
+        return RoutingGeometry(
+            num_frame_per_block=self.num_frame_per_block,
+            sink_size=self.model_kwargs.sink_size,
+            local_attn_size=self.model_kwargs.local_attn_size,
+            resident_frames=self.resident_frames,
+            m_nearest_frames=self.m_nearest_frames,
+            perturb_num_blocks=self.perturb_num_blocks,
+        )
+
+    def chunks(self):
+        """The streaming chunks of a training video (:func:`~kvpo.method.routing.chunk_layout`)."""
+        from kvpo.method.routing import chunk_layout
+
+        return chunk_layout(
+            self.streaming_max_length, self.streaming_chunk_size, self.streaming_min_new_frame
+        )
+
+    def policy_config(self):
+        """:class:`~kvpo.method.policy.PolicyConfig`: every constant of the objective."""
+        from kvpo.method.policy import PolicyConfig
+
+        return PolicyConfig(
+            tau=self.tau,
+            clip_low=self.clip_range_low,
+            clip_high=self.clip_range_high,
+            log_ratio_clamp=self.log_ratio_clamp,
+            kl_coef=self.kl_coef,
+            gated_scale=self.gated_scale,
+        )
+
+    def advantage_config(self):
+        """:class:`~kvpo.method.advantages.AdvantageConfig` of the reward signals' fusion."""
+        from kvpo.method.advantages import AdvantageConfig
+
+        return AdvantageConfig(
+            mode=self.advantage_mode,
+            fusion_mode=self.advantage_fusion_mode,
+            local_weight=self.advantage_fusion_local_weight,
+            global_weight=self.advantage_fusion_global_weight,
+            clip=self.adv_clip_max,
+        )
+
+    def latent_layout(self):
+        """:class:`~kvpo.rewards.clips.VideoLayout` of a training video, in latent frames."""
+        from kvpo.rewards.clips import VideoLayout
+
+        return VideoLayout(self.streaming_max_length, tuple(self.switch_frames))
+
     def to_dict(self) -> dict:
+
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
@@ -228,160 +334,13 @@ def parse_int_list(value: str | list, what: str) -> list[int]:
         raise ConfigError(f"{what} must be comma-separated integers, got {value!r}") from err
 
 
-# ---------------------------------------------------------------------------------------------
-# dict <-> dataclass with type coercion
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def all_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
-    """Every settable dotted key of ``cls``."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        hint = _hints(cls)[f.name]
-        keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(hint):
-            keys += all_keys(hint, prefix + f.name + ".")
-    return keys
-
-
-def _unknown(key: str, cls, prefix: str) -> ConfigError:
-    known = all_keys(cls, prefix)
-    close = difflib.get_close_matches(prefix + key, known, n=1, cutoff=0.5)
-    if not close:
-        lowered = {k.lower(): k for k in known}
-        close = difflib.get_close_matches((prefix + key).lower(), list(lowered), n=1, cutoff=0.4)
-        close = [lowered[c] for c in close]
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {prefix + key!r}{hint} (see --help for all keys)")
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields, got {value!r}")
-        return from_dict(value, hint, prefix=key + ".")
-    if origin is list:
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "yes", "1", "on"):
-            return True
-        if text in ("false", "no", "0", "off"):
-            return False
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        try:
-            return int(value) if not isinstance(value, str) else int(value.strip())
-        except ValueError as err:
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from err
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from err
-    if hint is str:
-        if isinstance(value, dict | list):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported type {hint}")
-
-
-def from_dict(data: dict, cls=TrainConfig, prefix: str = ""):
-    """Build ``cls`` from a (nested) dict; unknown keys raise with the closest known key."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"a config must be a mapping of keys to values, got {type(data)}")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown(str(key), cls, prefix)
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set ``key=value`` strings (dotted keys for nested fields) into a nested dict copy."""
-    data = yaml.safe_load(yaml.safe_dump(data)) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override must look like key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        parts, cls, node = key.split("."), TrainConfig, data
-        for i, part in enumerate(parts):
-            names = {f.name for f in dataclasses.fields(cls)}
-            if part not in names:
-                raise _unknown(part, cls, ".".join(parts[:i]) + ("." if i else ""))
-            hint = _hints(cls)[part]
-            if i == len(parts) - 1:
-                try:
-                    node[part] = yaml.safe_load(text) if text.strip() else ""
-                except yaml.YAMLError as err:
-                    raise ConfigError(f"{key}: cannot read the value {text!r} ({err})") from err
-            elif dataclasses.is_dataclass(hint):
-                node = node.setdefault(part, {})
-                cls = hint
-            else:
-                raise ConfigError(f"{'.'.join(parts[: i + 1])} has no sub-keys (got {key!r})")
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-    return from_dict(apply_overrides(data, overrides or []))
-
-
-def help_text() -> str:
-    """Every key with its type, default and meaning, grouped (the ``--help`` epilog)."""
-    lines = []
-
-    def walk(cls, prefix):
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("group"):
-                lines.append(f"\n{f.metadata['group']}:")
-            hint = hints[f.name]
-            if dataclasses.is_dataclass(hint):
-                walk(hint, prefix + f.name + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if hint == list[RewardComponent]:
-                default = ", ".join(f"{c.name}:{c.weight:g}" for c in default)
-            name = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
-            name = name or str(hint).replace("kvpo.config.", "")
-            lines.append(f"  {prefix + f.name} ({name}, default {default!r})")
-            lines.append(f"      {f.metadata['help']}")
-
-    walk(TrainConfig, "")
-    return "\n".join(lines)
+def choices(cls=None, prefix: str = "") -> dict[str, tuple]:
+    """``{dotted key: allowed values}`` of every field of ``cls`` declaring choices."""
+    out = {}
+    for f in dataclasses.fields(cls or TrainConfig):
+        if f.metadata.get("choices"):
+            out[prefix + f.name] = f.metadata["choices"]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.update(choices(type(default), prefix + f.name + "."))
+    return out

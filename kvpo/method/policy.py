@@ -9,7 +9,7 @@ since the last sync), the reference (initial) model's ``E_ref`` and advantages `
               + 10 * KL(pi_theta || pi_ref) )
 
 with the exact discrete KL over the ``G`` branches and the reward-gated scale ``s`` (1 when some
-branch beats the anchor on a raw reward, see :func:`kvpo.advantages.any_branch_beats_anchor`,
+branch beats the anchor on a raw reward, see :func:`kvpo.method.advantages.any_branch_beats_anchor`,
 else 0.5). Tensors may carry leading dims ``[..., G]`` (several groups): per-group terms are
 averaged over them. Plain PyTorch: at ``G = 8`` nothing here is worth a kernel.
 """

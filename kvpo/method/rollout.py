@@ -1,4 +1,4 @@
-"""Group rollout (method.md section 2): one shared prefix, G routed branches and the anchor.
+"""Group rollout (docs/method.md section 2): one shared prefix, G routed branches and the anchor.
 
 With the old policy's weights and no gradient:
 
@@ -25,33 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpo.distributed import rank_seed
-from kvpo.models import FewStepSampler, FrameCache, TextContext, generate, recache
-from kvpo.routing import RoutingPlan
-
-
-@dataclass
-class GroupNoise:
-    """The noise every row of a group shares: ``noise [1, C, T, H, W]``, ``renoise
-    [S - 1, 1, C, T, H, W]`` (drawn on the CPU from one seed, then moved: device-independent)."""
-
-    noise: torch.Tensor
-    renoise: torch.Tensor
-
-    @classmethod
-    def draw(cls, seed: int, shape: Sequence[int], steps: int, device, dtype) -> GroupNoise:
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(1, *shape, generator=gen)
-        renoise = torch.randn(max(steps - 1, 0), 1, *shape, generator=gen)
-        return cls(noise.to(device, dtype), renoise.to(device, dtype))
-
-    def frames(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.noise[:, :, lo:hi], self.renoise[:, :, :, lo:hi]
-
-
-def noise_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the group noise at training step ``step`` on ``rank``."""
-    return rank_seed(seed, rank, stream=1_000_000 + step)
+from kvpo.method.routing import RoutingPlan
+from kvpo.models import TextContext
+from kvpo.streaming import StreamingGenerator, VideoNoise
 
 
 @dataclass
@@ -82,70 +58,36 @@ class GroupRollout:
         return self.latents[:1, :, : self.fork]
 
 
-def switch_texts(
-    texts: Sequence[TextContext], switches: Sequence[int], lo: int, hi: int, include_lo: bool
-) -> dict[int, TextContext]:
-    """``{frame: text}`` of the prompt switches in ``(lo, hi)`` (``[lo, hi)`` with
-    ``include_lo``); segment ``k + 1`` starts at ``switches[k]``."""
-    return {
-        f: texts[min(k + 1, len(texts) - 1)]
-        for k, f in enumerate(switches)
-        if (lo < f or (include_lo and f == lo)) and f < hi
-    }
-
-
-def segment_text(texts: Sequence[TextContext], switches: Sequence[int], frame: int):
-    """The prompt in force at ``frame``."""
-    return texts[min(sum(1 for s in switches if s <= frame), len(texts) - 1)]
-
-
 @torch.no_grad()
 def rollout_group(
-    model,
-    cache: FrameCache,
+    stream: StreamingGenerator,
     texts: Sequence[TextContext],
-    switches: Sequence[int],
     plan: RoutingPlan,
-    noise: GroupNoise,
+    noise: VideoNoise,
     *,
-    sampler: FewStepSampler,
     policy_frames: int,
     end_frame: int,
     row_batch: int = 0,
-    context_timestep: float = 0.0,
 ) -> GroupRollout:
     """Roll out one group (see the module docstring).
 
     Args:
-        model: the causal model, holding the old policy's weights.
+        stream: the generator, holding the old policy's weights; its layout's switches apply.
         texts: one single-prompt :class:`TextContext` per prompt segment.
-        switches: frames where segments ``1, 2, ...`` start.
         plan: the group's routing plan (``G = len(plan.routed)`` branches).
-        noise: the group's shared noise, covering at least ``end_frame`` frames.
+        noise: the group's shared noise (one video), covering at least ``end_frame`` frames.
         policy_frames: frames from the fork whose trajectories are recorded (>= the window).
         end_frame: generate up to this frame (the end of the video for the global reward).
         row_batch: rows per micro-batch (0: all ``G + 1``).
     """
-    G, fork, F = len(plan.routed), plan.start_frame, cache.policy.frames_per_block
+    cache = stream.cache
+    G, fork, F = len(plan.routed), plan.start_frame, stream.frames_per_block
     record_end = min(end_frame, fork + max(policy_frames, plan.end_frame - fork))
     kv_bytes = {}
     (snapshot,) = cache.new_rows(1)
-    text0 = texts[0]
-    prefix_noise, prefix_renoise = noise.frames(0, fork)
-    prefix = generate(
-        model,
-        cache,
-        [snapshot],
-        text0,
-        prefix_noise,
-        sampler=sampler,
-        renoise=prefix_renoise,
-        switches=switch_texts(texts, switches, 0, fork, include_lo=False),
-        context_timestep=context_timestep,
-    ).latents
-    text_fork = segment_text(texts, switches, fork)
-    if fork in switches:  # the switch's recache is shared by the whole group: do it once
-        recache(model, cache, [snapshot], prefix, text_fork, fork, context_timestep)
+    prefix = stream.generate([snapshot], texts, noise, 0, fork).latents
+    if fork in stream.layout.switches:  # the switch's recache is shared by the group: once
+        stream.recache([snapshot], prefix, stream.text_at(texts, fork), fork)
     kv_bytes["prefix"] = cache.held_bytes
     rows_all = list(range(G + 1))
     step = row_batch or (G + 1)
@@ -162,39 +104,16 @@ def rollout_group(
                 for g in idx
             ]
 
-        win_noise, win_renoise = noise.frames(fork, record_end)
-        window = generate(
-            model,
-            cache,
-            rows,
-            text_fork,
-            win_noise,
-            sampler=sampler,
-            renoise=win_renoise,
-            start_frame=fork,
-            switches=switch_texts(texts, switches, fork, record_end, include_lo=False),
-            history=prefix,
-            plans=plans,
-            record=True,
-            context_timestep=context_timestep,
+        window = stream.generate(
+            rows, texts, noise, fork, record_end, history=prefix, plans=plans, record=True
         )
         kv_bytes["window"] = max(kv_bytes.get("window", 0), cache.held_bytes)
         parts = [prefix.expand(len(idx), *prefix.shape[1:]), window.latents]
         if end_frame > record_end:
-            rest_noise, rest_renoise = noise.frames(record_end, end_frame)
-            rest = generate(
-                model,
-                cache,
-                rows,
-                segment_text(texts, switches, record_end),
-                rest_noise,
-                sampler=sampler,
-                renoise=rest_renoise,
-                start_frame=record_end,
-                switches=switch_texts(texts, switches, record_end, end_frame, include_lo=True),
+            rest = stream.generate(
+                rows, texts, noise, record_end, end_frame, switch_at_start=True,
                 history=torch.cat(parts, dim=2),
-                context_timestep=context_timestep,
-            )
+            )  # fmt: skip
             parts.append(rest.latents)
         kv_bytes["continuation"] = max(kv_bytes.get("continuation", 0), cache.held_bytes)
         cache.free(rows)

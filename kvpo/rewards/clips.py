@@ -9,7 +9,7 @@ in its segment, ``clip_len`` frames, or the whole segment when ``clip_len`` is 0
 the clips. A clip that spans prompt switches (possible for the local chunk) is scored with its
 segments' prompts joined by ``", then "`` and ``metadata["segment_starts"]`` (clip-relative).
 
-Reward models follow :mod:`kvpo.rewards`: ``(videos [B, T, 3, H, W] in [0, 1], prompts,
+Reward models follow :mod:`kvpo.rewards.registry`: ``(videos [B, T, 3, H, W] in [0, 1], prompts,
 metadata) -> {name: [B] fp32}``.
 """
 

@@ -1,4 +1,4 @@
-"""A trainer's resumable state <-> :class:`~kvpo.checkpoint.TrainingState`.
+"""A trainer's resumable state <-> :class:`~kvpo.training.checkpoint.TrainingState`.
 
 Saved: the policy adapter (``"default"``), the old-policy adapter (``"old"``), the EMA, AdamW and
 the LR schedule, the step counters and reward history, and rank 0's global RNG states. Every
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from kvpo.checkpoint import TrainingState, load_checkpoint, restore_rng, save_checkpoint
 from kvpo.models.lora import lora_parameters
+from kvpo.training.checkpoint import TrainingState, load_checkpoint, restore_rng, save_checkpoint
 
 
 def _named(trainer, adapter: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Replay (method.md section 3): branch energies under the unrouted, deployment-time context.
+"""Replay (docs/method.md section 3): branch energies under the unrouted, deployment-time context.
 
 Each branch ``g`` is replayed from the fork snapshot with the *default* sink + window view (no
 routing): the policy being scored predicts ``v_theta(z[g, b, s], t_s)`` at the recorded inputs;
@@ -19,8 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from kvpo.models import FlowSchedule, FrameCache, TextContext, recache
-from kvpo.rollout import GroupRollout, segment_text
+from kvpo.method.rollout import GroupRollout
+from kvpo.models import FlowSchedule, TextContext
+from kvpo.streaming import StreamingGenerator
 from kvpo_kernels import tve_energy
 
 
@@ -35,19 +36,15 @@ def step_weights(schedule: FlowSchedule, kind: str) -> torch.Tensor:
 
 
 def replay_energies(
-    model,
-    cache: FrameCache,
+    stream: StreamingGenerator,
     rollout: GroupRollout,
     texts: Sequence[TextContext],
-    switches: Sequence[int],
-    schedule: FlowSchedule,
     weights: torch.Tensor,
     *,
     branches: Sequence[int],
     grad_steps: int,
-    context_timestep: float = 0.0,
 ) -> torch.Tensor:
-    """Energies ``E [len(branches)]`` fp32 of the current weights of ``model``.
+    """Energies ``E [len(branches)]`` fp32 of the current weights of ``stream``'s model.
 
     The first ``grad_steps`` steps of each block carry gradient when grad mode is enabled. Two
     passes: the first (no grad) runs the other steps and the context passes, pinning each block's
@@ -55,10 +52,11 @@ def replay_energies(
     no cache write happens between a grad forward and its backward (the attention saves the
     page pool). Call ``backward`` before the cache is written again. ``weights: [S]`` the ``w_s``.
     """
+    model, cache, switches = stream.wan, stream.cache, stream.layout.switches
     branches = list(branches)
-    S = schedule.num_steps
-    sigmas = [float(x) for x in schedule.sigmas()]
-    F = cache.policy.frames_per_block
+    S = stream.schedule.num_steps
+    sigmas = [float(x) for x in stream.schedule.sigmas()]
+    F = stream.frames_per_block
     grad = torch.is_grad_enabled() and grad_steps > 0
     rows = cache.fork(rollout.snapshot, len(branches))
     index = torch.tensor(branches, device=rollout.z.device)
@@ -70,15 +68,14 @@ def replay_energies(
     pins: list[list[int]] = []
 
     def predict(b: int, s: int, view) -> torch.Tensor:
-        text = segment_text(texts, switches, starts[b])
+        text = stream.text_at(texts, starts[b])
         return model(z_all[:, b * S + s], sigmas[s] * 1000.0, text, starts[b], view)
 
     try:
         for b, start in enumerate(starts):
-            text = segment_text(texts, switches, start)
+            text = stream.text_at(texts, start)
             if b > 0 and start in switches:
-                past = torch.cat([prefix, *replayed], dim=2)
-                recache(model, cache, rows, past, text, start, context_timestep)
+                stream.recache(rows, torch.cat([prefix, *replayed], dim=2), text, start)
             if grad:
                 pins.append([cache.snapshot(r) for r in rows])
             view = cache.view(rows, start, F)
@@ -90,7 +87,7 @@ def replay_energies(
                 x0 = z_all[:, b * S + S - 1] - sigmas[S - 1] * last
                 with torch.no_grad():
                     write = cache.view(rows, start, F, write=True)
-                    model.write_context(x0, text, start, write, timestep=context_timestep)
+                    model.write_context(x0, text, start, write, timestep=stream.context_timestep)
                 replayed.append(x0)
         for b, pinned in enumerate(pins):
             view = cache.view(pinned, starts[b], F)

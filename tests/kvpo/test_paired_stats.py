@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from kvpo.evaluation_stats import format_summary, paired_stat, paired_summary
+from kvpo.training.paired_stats import format_summary, paired_stat, paired_summary
 
 
 def test_paired_stat_by_hand():

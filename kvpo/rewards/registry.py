@@ -13,8 +13,9 @@ A reward model is a callable
   for the built-in toy reward (real reward models may use other ranges; the advantage is
   normalised per group, so only the order within a group matters).
 
-Real reward models (HPSv3, VideoAlign's VQ/MQ/TA, ...) plug in with :func:`register_reward`;
-:func:`build_reward` constructs one by name and :func:`score` validates inputs and outputs.
+Real reward models plug in with :func:`register_reward` (then by name) or as an import path
+``"pkg.module:Factory"``; :func:`resolve_reward` turns a name, a path or a callable into a reward
+model, and :func:`score` validates inputs and outputs.
 """
 
 from __future__ import annotations
@@ -70,6 +71,26 @@ def build_reward(name: str, **kwargs: Any) -> RewardModel:
     if name not in _FACTORIES:
         raise KeyError(f"no reward named {name!r}; available: {available_rewards()}")
     return _FACTORIES[name](**kwargs)
+
+
+def resolve_reward(spec: str | Callable[..., Mapping[str, torch.Tensor]]):
+    """A reward model from a callable (returned as it is), an import path
+    ``"pkg.module:Factory"`` (the factory is called with no arguments) or a registered name."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"reward must be a callable, a registered name or 'pkg.module:Factory', "
+                        f"got {spec!r}")  # fmt: skip
+    if ":" not in spec:
+        return build_reward(spec)
+    module, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"reward_model {spec!r}: cannot import {attr!r} from {module!r} ({err})"
+        ) from err
+    return factory()
 
 
 def check_videos(videos: torch.Tensor, prompts: Sequence[str]) -> None:

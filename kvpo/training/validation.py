@@ -1,9 +1,9 @@
-"""Validation of a parsed :class:`~kvpo.config.TrainConfig` before any work starts.
+"""Validation of a parsed :class:`~kvpo.training.config.TrainConfig` before any work starts.
 
-Every problem found is collected and raised together as one :class:`~kvpo.config.ConfigError`:
-missing files (checkpoints, prompt files, a resume directory), prompt files in the wrong format,
-out-of-range values, a video layout that does not fit the blocks, and a routing geometry that
-cannot fit the resident cache.
+Every problem found is collected and raised together as one
+:class:`~kvpo.training.config.ConfigError`: missing files (checkpoints, prompt files, a resume
+directory), prompt files in the wrong format, out-of-range values and choices, a video layout
+that does not fit the blocks, and a routing geometry that cannot fit the resident cache.
 """
 
 from __future__ import annotations
@@ -11,20 +11,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from kvpo.config import ConfigError, TrainConfig
-from kvpo.prompt_file import PromptFileError, load_prompt_file
-from kvpo.routing import RoutingError, RoutingGeometry, chunk_layout, plan_routing
-
-CHOICES = {
-    "dtype": ("float32", "bfloat16", "float16"),
-    "kernel_backend": ("auto", "torch", "triton", "cpp"),
-    "routing_mode": ("dispersed", "independent"),
-    "advantage_mode": ("anchor", "grpo"),
-    "advantage_fusion_mode": ("std", "none", "zscore"),
-    "tve_step_weight": ("sigma2", "uniform"),
-    "sampler_rule": ("x0", "euler"),
-    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
-}
+from kvpo.method.routing import RoutingError, plan_routing
+from kvpo.training.config import ConfigError, TrainConfig, choices
+from kvpo.training.prompts import PromptFileError, load_prompt_file
 
 
 def is_toy_dir(path: str) -> bool:
@@ -32,21 +21,10 @@ def is_toy_dir(path: str) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
 
 
-def routing_geometry(cfg: TrainConfig) -> RoutingGeometry:
-    return RoutingGeometry(
-        num_frame_per_block=cfg.num_frame_per_block,
-        sink_size=cfg.model_kwargs.sink_size,
-        local_attn_size=cfg.model_kwargs.local_attn_size,
-        resident_frames=cfg.resident_frames,
-        m_nearest_frames=cfg.m_nearest_frames,
-        perturb_num_blocks=cfg.perturb_num_blocks,
-    )
-
-
-def video_chunks(cfg: TrainConfig):
-    return chunk_layout(
-        cfg.streaming_max_length, cfg.streaming_chunk_size, cfg.streaming_min_new_frame
-    )
+def _value(cfg: TrainConfig, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _ranges(cfg: TrainConfig) -> list[str]:
@@ -56,10 +34,9 @@ def _ranges(cfg: TrainConfig) -> list[str]:
         if not ok:
             problems.append(message)
 
-    for key, allowed in CHOICES.items():
-        value = getattr(cfg, key)
+    for key, allowed in choices().items():
+        value = _value(cfg, key)
         need(value in allowed, f"{key} must be one of {allowed}, got {value!r}")
-    need(cfg.adapter.type == "lora", f"adapter.type must be 'lora', got {cfg.adapter.type!r}")
     need(cfg.adapter.rank >= 1, f"adapter.rank must be >= 1, got {cfg.adapter.rank}")
     need(cfg.K >= 2, f"K (branches per group) must be >= 2, got {cfg.K}")
     need(cfg.tau > 0, f"tau must be > 0, got {cfg.tau}")
@@ -71,6 +48,7 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     need(0 < cfg.clip_range_low < 1, f"clip_range_low must be in (0, 1), got {cfg.clip_range_low}")
     need(cfg.clip_range_high > 0, f"clip_range_high must be > 0, got {cfg.clip_range_high}")
     need(cfg.kl_coef >= 0, f"kl_coef must be >= 0, got {cfg.kl_coef}")
+    need(cfg.gated_scale >= 0, f"gated_scale must be >= 0, got {cfg.gated_scale}")
     need(cfg.eval_seeds >= 1, f"eval_seeds must be >= 1, got {cfg.eval_seeds}")
     need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
@@ -121,13 +99,13 @@ def _layout(cfg: TrainConfig) -> list[str]:
 def _routing(cfg: TrainConfig) -> list[str]:
     try:
         plan_routing(
-            routing_geometry(cfg),
-            video_chunks(cfg),
+            cfg.routing_geometry(),
+            cfg.chunks(),
             cfg.K,
             seed=cfg.seed,
             step=0,
             within_first_x_chunks=cfg.perturb_within_first_x_chunks,
-            mode=cfg.routing_mode if cfg.routing_mode in CHOICES["routing_mode"] else "dispersed",
+            mode=cfg.routing_mode,
         )
     except RoutingError as err:
         return [f"routing cannot fit the resident cache: {err}"]
@@ -158,7 +136,7 @@ def _files(cfg: TrainConfig, resume: str | None) -> list[str]:
             except PromptFileError as err:
                 problems.append(f"{key}: {err}")
     if resume is not None:
-        from kvpo.checkpoint import resolve_checkpoint
+        from kvpo.training.checkpoint import resolve_checkpoint
 
         try:
             resolve_checkpoint(resume)

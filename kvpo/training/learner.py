@@ -1,17 +1,21 @@
-"""One KVPO training step, from routing plan to LoRA update (method.md sections 2-4).
+"""One KVPO step of one rank, from routing plan to LoRA update (docs/method.md sections 2-4).
 
-Per step and rank (one prompt group per rank):
+:class:`Learner` holds the policy adapters, the optimizer, the EMA and the streaming generator.
+Per step (one prompt group per rank):
 
 1. **plan**: the CHR routing plan of the group, seeded by ``(seed, step, rank)``;
 2. **rollout** with the old policy (adapter ``"old"``): shared prefix, fork, G routed branches
-   and the anchor (:mod:`kvpo.rollout`);
+   and the anchor (:mod:`kvpo.method.rollout`);
 3. **rewards**: local (the forked chunk) and global (one clip per segment) for every row;
-   **advantages** anchor-relative per component, fused and clipped (:mod:`kvpo.advantages`);
-4. **replay** of the branches under the unrouted context with the old, the reference (adapters
-   disabled) and the current policy (:mod:`kvpo.replay`) -> energies -> logits ``-E / tau``;
-5. **update**: the objective (:func:`kvpo.policy.policy_loss`), gradients averaged over ranks,
-   grad-norm clip, AdamW + warmup, EMA; the old policy is re-synced every ``sync_every``
-   rollouts, and the ratio of the first update after each sync is logged (it must be 1).
+   **advantages** anchor-relative per component, fused and clipped
+   (:mod:`kvpo.method.advantages`);
+4. **replay** of the branches under the unrouted context with the old and the reference
+   (adapters disabled) policy, once per rollout (:mod:`kvpo.method.replay`);
+5. ``ppo_epochs`` times: the current policy's replay with grad, the objective
+   (:func:`kvpo.method.policy.policy_loss`) against the fixed old and reference energies,
+   gradients averaged over ranks, grad-norm clip, AdamW + schedule, EMA;
+6. the old policy is re-synced every ``sync_every`` rollouts; the ratio of the first update
+   after each sync is logged (it must be exactly 1).
 
 With ``row_micro_batch`` smaller than G the current policy's replay runs in two passes: energies
 without grad for the whole group, ``dL/dE`` on them, then each micro-batch again with grad,
@@ -27,14 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpo import policy
-from kvpo.advantages import any_branch_beats_anchor, group_advantages
-from kvpo.config import TrainConfig
-from kvpo.config_checks import routing_geometry, video_chunks
-from kvpo.distributed import DistInfo, any_rank, average_gradients, broadcast_parameters
-from kvpo.generator import Generator
-from kvpo.metrics import PhaseTimer
-from kvpo.models import CachePolicy, FewStepSampler, FlowSchedule, FrameCache
+from kvpo.method import policy
+from kvpo.method.advantages import any_branch_beats_anchor, group_advantages
+from kvpo.method.replay import replay_energies, step_weights
+from kvpo.method.rollout import GroupRollout, rollout_group
+from kvpo.method.routing import plan_routing
 from kvpo.models.lora import (
     active_adapter,
     adapters_disabled,
@@ -43,12 +44,14 @@ from kvpo.models.lora import (
     import_lora,
     lora_parameters,
 )
-from kvpo.optim import EMA, build_optimizer, grad_norm
-from kvpo.replay import replay_energies, step_weights
-from kvpo.rewards import build_reward
-from kvpo.rollout import GroupNoise, GroupRollout, noise_seed, rollout_group
-from kvpo.routing import plan_routing
-from kvpo.scoring import VideoLayout, clip_for, global_clips, score_clips
+from kvpo.rewards.clips import clip_for, global_clips, score_clips
+from kvpo.streaming import group_seed, stream_from_config
+from kvpo.training.config import TrainConfig
+from kvpo.training.distributed import DistInfo, any_rank, average_gradients, broadcast_parameters
+from kvpo.training.metrics import PhaseTimer
+from kvpo.training.optim import EMA, build_optimizer, grad_norm
+from kvpo.training.prompts import PromptSource
+from kvpo.video_model import VideoModel
 
 PHASES = ("rollout", "rewards", "replay_old", "replay_ref", "replay_grad", "update")
 
@@ -82,39 +85,47 @@ class Counters:
     history: list = field(default_factory=list)  # [step, mean branch reward, anchor reward]
 
 
-class KVPOTrainer:
-    """Holds the generator, its adapters, the optimizer and the paged cache of one rank."""
+@dataclass
+class GroupData:
+    """What the policy epochs of one rollout share: the rollout, its prompts, the advantages
+    ``[G]``, whether a branch beats the anchor, and the fixed old / reference energies ``[G]``."""
 
-    def __init__(self, cfg: TrainConfig, gen: Generator, info: DistInfo):
-        self.cfg, self.gen, self.info = cfg, gen, info
-        self.model = gen.wan
-        self.device = info.device
-        mk = cfg.model_kwargs
-        self.policy = CachePolicy(
-            mk.sink_size, mk.local_attn_size, cfg.resident_frames, cfg.num_frame_per_block
-        )
-        self.schedule = FlowSchedule(
-            tuple(cfg.denoising_step_list), mk.timestep_shift, warp=cfg.warp_denoising_step
-        )
-        self.sampler = FewStepSampler(self.schedule, rule=cfg.sampler_rule)
-        self.weights = step_weights(self.schedule, cfg.tve_step_weight).to(self.device)
-        self.geometry = routing_geometry(cfg)
-        self.chunks = video_chunks(cfg)
-        self.layout = VideoLayout(cfg.streaming_max_length, tuple(cfg.switch_frames))
-        self.video_layout = self.layout.mapped(gen.video_frame)  # frames of decoded videos
-        self.reward = build_reward(cfg.reward_model)
+    rollout: GroupRollout
+    prompts: list[str]
+    advantages: torch.Tensor
+    beats_anchor: bool
+    energy_old: torch.Tensor
+    energy_ref: torch.Tensor
+    record: dict
+
+
+class Learner:
+    """The policy of one rank: adapters, optimizer, EMA, and the generator they run in.
+
+    Args:
+        cfg: the run's configuration.
+        model: the video model (base weights frozen; LoRA adapters are added here).
+        info: this process's rank and device.
+        reward: a reward model (see :mod:`kvpo.rewards`).
+        prompts: where each group's prompts come from.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, model: VideoModel, info: DistInfo, *, reward, prompts: PromptSource
+    ):
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.video_model, self.model = model, model.wan
+        self.reward, self.prompts = reward, prompts
+        self.geometry, self.chunks = cfg.routing_geometry(), cfg.chunks()
+        self.policy_config, self.advantage_config = cfg.policy_config(), cfg.advantage_config()
         self.model.gradient_checkpointing = cfg.gradient_checkpointing  # grad-carrying replays
         self._setup_adapters()
-        self.cache = FrameCache.create(
-            self.model.config,
-            self.policy,
-            self._num_pages(),
-            dtype=self.model.dtype,
-            device=self.device,
-            backend=None if cfg.kernel_backend == "auto" else cfg.kernel_backend,
-        )
+        self.stream = stream_from_config(model, cfg, self.rows_per_batch)
+        self.weights = step_weights(self.stream.schedule, cfg.tve_step_weight).to(self.device)
+        self.video_layout = self.stream.layout.mapped(model.video_frame)  # decoded frames
         self.counters = Counters()
         self.last_videos: torch.Tensor | None = None  # [G + 1, T, 3, H, W] of the last rollout
+        self.last_rewards: dict | None = None  # the last step's rewards and advantages
 
     # ------------------------------------------------------------------ setup
     def _setup_adapters(self) -> None:
@@ -133,22 +144,17 @@ class KVPOTrainer:
         betas = (cfg.beta1, cfg.beta2)
         self.optimizer, self.scheduler = build_optimizer(
             self.params, cfg.lr, betas, cfg.weight_decay, cfg.lr_scheduler,
-            cfg.lr_warmup_steps, cfg.max_train_steps,
+            cfg.lr_warmup_steps, cfg.max_train_steps * cfg.ppo_epochs,
         )  # fmt: skip
         self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     @property
-    def rows_per_batch(self) -> int:
-        """Cache rows alive at once: ``row_micro_batch`` (rollout, replays, evaluation) or G + 1."""
-        return min(self.cfg.row_micro_batch or self.cfg.K + 1, self.cfg.K + 1)
+    def cache(self):
+        return self.stream.cache
 
-    def _num_pages(self) -> int:
-        """Pages for the largest phase: the fork snapshot plus one micro-batch of rows, each
-        holding its resident frames and a prompt-switch recache segment (pinned replay views
-        share pages)."""
-        cfg = self.cfg
-        per_row = cfg.resident_frames + cfg.model_kwargs.local_attn_size + cfg.num_frame_per_block
-        return per_row * (self.rows_per_batch + 1)
+    @property
+    def rows_per_batch(self) -> int:
+        return self.cfg.rows_per_batch
 
     @contextmanager
     def ema_weights(self, enabled: bool = True) -> Iterator[None]:
@@ -165,37 +171,33 @@ class KVPOTrainer:
                 for k, p in self.named_params.items():
                     p.copy_(saved[k])
 
-    # ------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------ pieces of a step
     def rollout(self, step: int, prompts: list[str], rank: int) -> GroupRollout:
         cfg, G = self.cfg, self.cfg.K
         plan = plan_routing(
             self.geometry, self.chunks, G, seed=cfg.seed, step=step, rank=rank,
             within_first_x_chunks=cfg.perturb_within_first_x_chunks, mode=cfg.routing_mode,
         )  # fmt: skip
-        C, H, W = self.gen.latent_shape
-        noise = GroupNoise.draw(
-            noise_seed(cfg.seed, step, rank), (C, cfg.streaming_max_length, H, W),
-            self.schedule.num_steps, self.device, self.model.dtype,
-        )  # fmt: skip
+        noise = self.stream.noise(group_seed(cfg.seed, step, rank))
         policy_frames = cfg.policy_window_frames or plan.geometry.window_frames
         chunk = self.chunks[plan.chunk_index]
         end = cfg.streaming_max_length if cfg.train_global else max(chunk.end_frame, plan.end_frame)
         with torch.no_grad(), active_adapter(self.model, "old"):
-            texts = [self.gen.encode([p]) for p in prompts]
+            texts = self.stream.segment_texts(prompts)
             return rollout_group(
-                self.model, self.cache, texts, cfg.switch_frames, plan, noise,
-                sampler=self.sampler, policy_frames=policy_frames, end_frame=end,
-                row_batch=cfg.row_micro_batch, context_timestep=float(cfg.context_noise),
+                self.stream, texts, plan, noise, policy_frames=policy_frames, end_frame=end,
+                row_batch=cfg.row_micro_batch,
             )  # fmt: skip
 
     def rewards(self, ro: GroupRollout, prompts: list[str]):
-        """``(local, global)``: each ``(branch rewards {name: [G]}, anchor {name: scalar})``."""
+        """``(local, global, videos)``: each signal ``(branch rewards {name: [G]}, anchor
+        {name: scalar})`` or None when not trained on."""
         cfg, G = self.cfg, self.cfg.K
-        videos = self.gen.decode(ro.latents)
+        videos = self.video_model.decode(ro.latents)
         chunk = self.chunks[ro.plan.chunk_index]
-        out = []
-        frame, layout = self.gen.video_frame, self.video_layout
+        frame, layout = self.video_model.video_frame, self.video_layout
         local = clip_for(layout, prompts, frame(chunk.start_frame), frame(chunk.end_frame))
+        out = []
         for use, clips in (
             (cfg.train_local, [local]),
             (cfg.train_global, global_clips(layout, prompts, cfg.long_reward_normal_clip_len)),
@@ -216,47 +218,55 @@ class KVPOTrainer:
         scope = active_adapter(self.model, adapter) if adapter else adapters_disabled(self.model)
         step = len(branches) if torch.is_grad_enabled() else self.rows_per_batch
         with scope:
-            texts = [self.gen.encode([p]) for p in prompts]
+            texts = self.stream.segment_texts(prompts)
             return torch.cat(
                 [
                     replay_energies(
-                        self.model, self.cache, ro, texts, cfg.switch_frames, self.schedule,
-                        self.weights, branches=branches[i : i + step],
+                        self.stream, ro, texts, self.weights, branches=branches[i : i + step],
                         grad_steps=cfg.log_prob_grad_steps,
-                        context_timestep=float(cfg.context_noise),
                     )
                     for i in range(0, len(branches), step)
                 ]
             )  # fmt: skip
 
-    def objective(self, energy, energy_old, energy_ref, adv, safe) -> policy.PolicyLoss:
-        cfg = self.cfg
-        config = policy.PolicyConfig(
-            tau=cfg.tau, clip_low=cfg.clip_range_low, clip_high=cfg.clip_range_high,
-            log_ratio_clamp=cfg.log_ratio_clamp, kl_coef=cfg.kl_coef,
-        )  # fmt: skip
-        return policy.policy_loss(
-            energy, energy_old, energy_ref, adv, beats_anchor=safe, config=config
-        )
-
+    # ------------------------------------------------------------------ one step
     def train_step(self, step: int, timer: PhaseTimer | None = None) -> dict:
-        """Run step ``step`` on this rank's group; returns its metrics.
+        """Run step ``step`` on this rank's group (``ppo_epochs`` updates); returns its metrics.
 
         Raises :class:`SkippedStep` (on every rank alike) when a reward or the loss is not finite.
         """
         timer = timer or PhaseTimer(self.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        record = self.group_gradients(step, timer)
-        record.update(self.apply_update(timer))
+        data = self.collect(step, timer)
+        try:
+            losses = []
+            for epoch in range(self.cfg.ppo_epochs):
+                self.optimizer.zero_grad(set_to_none=True)
+                update = self.policy_gradients(data, timer)
+                update.update(self.apply_update(timer))
+                losses.append(update["loss"])
+                if epoch == 0:
+                    record = {**data.record, **update}
+            record["ppo/epoch_losses"] = losses
+        finally:
+            self.cache.free([data.rollout.snapshot])
+        self.end_rollout()
         return record
 
     def group_gradients(self, step: int, timer: PhaseTimer, rank: int | None = None) -> dict:
-        """Rollout, rewards, advantages, replays and ``backward`` of one group: the gradient of
-        its loss is *added* to the adapter's ``.grad`` (``rank`` overrides the rank whose seeds
-        pick the prompts, plan and noise)."""
+        """One epoch's gradient of one group, *added* to the adapter's ``.grad`` (``rank``
+        overrides the rank whose seeds pick the prompts, plan and noise)."""
+        data = self.collect(step, timer, rank)
+        try:
+            return {**data.record, **self.policy_gradients(data, timer)}
+        finally:
+            self.cache.free([data.rollout.snapshot])
+
+    def collect(self, step: int, timer: PhaseTimer, rank: int | None = None) -> GroupData:
+        """Rollout, rewards, advantages and the old / reference energies of one group (free
+        ``data.rollout.snapshot`` after the last epoch)."""
         cfg = self.cfg
         rank = self.info.rank if rank is None else rank
-        prompts = self.gen.train_prompts(step, rank)
+        prompts = self.prompts.train(step, rank)
         with timer("rollout"):
             ro = self.rollout(step, prompts, rank)
         try:
@@ -265,38 +275,43 @@ class KVPOTrainer:
             raw = [t for sig in (local, global_) if sig for part in sig for t in part.values()]
             if any_rank(not all(bool(torch.isfinite(t).all()) for t in raw), self.info):
                 raise SkippedStep("non-finite reward")
-            adv = group_advantages(
-                local, global_, cfg.reward_weights, mode=cfg.advantage_mode,
-                fusion_mode=cfg.advantage_fusion_mode,
-                local_weight=cfg.advantage_fusion_local_weight,
-                global_weight=cfg.advantage_fusion_global_weight, clip=cfg.adv_clip_max,
-            )  # fmt: skip
+            adv = group_advantages(local, global_, cfg.reward_weights, self.advantage_config)
             safe = any_branch_beats_anchor([local, global_], cfg.reward_weights)
-            record = self._backward(ro, prompts, adv.final.to(self.device), safe, timer)
-        finally:
+            branches = list(range(cfg.K))
+            with timer("replay_old"), torch.no_grad():
+                e_old = self.energies(ro, prompts, branches, "old")
+            with timer("replay_ref"), torch.no_grad():
+                use_ref = cfg.kl_coef > 0 and cfg.kl_reference_initial
+                e_ref = self.energies(ro, prompts, branches, None) if use_ref else e_old
+        except BaseException:
             self.cache.free([ro.snapshot])
-        record.update(self._reward_metrics(local, global_, adv, ro))
-        return record
+            raise
+        record = self._reward_metrics(local, global_, adv, ro)
+        self.last_rewards = {"local": local, "global": global_, "advantages": adv.final}
+        return GroupData(ro, prompts, adv.final.to(self.device), safe, e_old, e_ref, record)
 
-    def _backward(self, ro, prompts, adv, safe, timer) -> dict:
+    def objective(self, energy, data: GroupData) -> policy.PolicyLoss:
+        return policy.policy_loss(
+            energy, data.energy_old, data.energy_ref, data.advantages,
+            beats_anchor=data.beats_anchor, config=self.policy_config,
+        )  # fmt: skip
+
+    def policy_gradients(self, data: GroupData, timer: PhaseTimer) -> dict:
+        """Replay the current policy with grad and back-propagate the objective into ``.grad``."""
         cfg, G, branches = self.cfg, self.cfg.K, list(range(self.cfg.K))
-        with timer("replay_old"), torch.no_grad():
-            e_old = self.energies(ro, prompts, branches, "old")
-        with timer("replay_ref"), torch.no_grad():
-            use_ref = cfg.kl_coef > 0 and cfg.kl_reference_initial
-            e_ref = self.energies(ro, prompts, branches, None) if use_ref else e_old
+        ro, prompts = data.rollout, data.prompts
         chunk = min(cfg.row_micro_batch or G, G)
         with timer("replay_grad"):
             if chunk >= G:
                 e_cur = self.energies(ro, prompts, branches, "default")
-                out = self.objective(e_cur, e_old, e_ref, adv, safe)
+                out = self.objective(e_cur, data)
                 skip = any_rank(not bool(torch.isfinite(out.loss)), self.info)
                 if not skip:
                     out.loss.backward()
             else:  # two passes: dL/dE once, then each micro-batch's share with grad
                 with torch.no_grad():
                     e_cur = self.energies(ro, prompts, branches, "default").requires_grad_()
-                out = self.objective(e_cur, e_old, e_ref, adv, safe)
+                out = self.objective(e_cur, data)
                 skip = any_rank(not bool(torch.isfinite(out.loss)), self.info)
                 if not skip:
                     out.loss.backward()
@@ -307,14 +322,14 @@ class KVPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise SkippedStep(f"non-finite loss {float(out.loss.detach())}")
         log_ratio = policy.branch_log_probs(e_cur.detach(), cfg.tau) - policy.branch_log_probs(
-            e_old, cfg.tau
+            data.energy_old, cfg.tau
         )
         first = self.counters.since_sync == 0
         return {
             "loss": float(out.loss.detach()),
             "energy/current": e_cur.detach(),
-            "energy/old": e_old,
-            "energy/ref": e_ref,
+            "energy/old": data.energy_old,
+            "energy/ref": data.energy_ref,
             "sync/first_update_after_sync": first,
             "sync/max_abs_log_ratio": float(log_ratio.abs().max()),
             **({"sync/ratio_exactly_one": bool((log_ratio == 0).all())} if first else {}),
@@ -324,7 +339,7 @@ class KVPOTrainer:
 
     def apply_update(self, timer: PhaseTimer) -> dict:
         """Average the gradients over ranks, clip, step AdamW and the LR schedule, update the
-        EMA, and re-sync the old policy every ``sync_every`` updates."""
+        EMA."""
         cfg = self.cfg
         with timer("update"):
             average_gradients(self.params, self.info)
@@ -336,11 +351,14 @@ class KVPOTrainer:
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.named_params)
-            self.counters.since_sync += 1
-            if self.counters.since_sync >= cfg.sync_every:
-                freeze_copy(self.model, "default", "old")
-                self.counters.since_sync = 0
         return {"grad_norm": norm, "lr": lr}
+
+    def end_rollout(self) -> None:
+        """Count a finished rollout; re-sync the old policy every ``sync_every`` rollouts."""
+        self.counters.since_sync += 1
+        if self.counters.since_sync >= self.cfg.sync_every:
+            freeze_copy(self.model, "default", "old")
+            self.counters.since_sync = 0
 
     def _reward_metrics(self, local, global_, adv, ro) -> dict:
         record = {}

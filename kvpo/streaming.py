@@ -1,0 +1,239 @@
+"""Streaming generation: one object that owns what generating a video needs.
+
+:class:`StreamingGenerator` holds the video model (causal transformer, prompt encoder, decoder),
+its paged frame cache, the few-step sampler and schedule, the context timestep and the video
+layout (frames and prompt-switch frames). The group rollout, the replay, held-out evaluation,
+``kvpo sample`` and ``kvpo evaluate`` all generate through it, so they share two rules:
+
+- **noise**: a video's noise comes from one integer seed (:meth:`StreamingGenerator.noise`): one
+  CPU generator draws the initial noise ``[1, C, T, H, W]`` and then the re-noising noise
+  ``[S - 1, 1, C, T, H, W]`` (device independent). Seeds: :func:`group_seed` for a training
+  group, :func:`heldout_seed` for a held-out ``(prompt, seed)`` pair, the user's seed when
+  sampling.
+- **page budget**: :meth:`StreamingGenerator.pages_for` rows (each row's resident frames, a
+  prompt-switch recache segment and one block in flight, plus one row for a fork snapshot).
+
+Prompt segments are passed as one :class:`~kvpo.models.TextContext` per segment; segment ``k + 1``
+starts at ``layout.switches[k]`` (latent frames).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvpo.models import (
+    CachePolicy,
+    FewStepSampler,
+    FlowSchedule,
+    FrameCache,
+    Generation,
+    TextContext,
+    generate,
+    recache,
+)
+from kvpo.rewards.clips import VideoLayout
+from kvpo.training.distributed import rank_seed
+from kvpo.video_model import VideoModel
+
+
+@dataclass
+class VideoNoise:
+    """Noise of B videos: ``noise [B, C, T, H, W]``, ``renoise [S - 1, B, C, T, H, W]``."""
+
+    noise: torch.Tensor
+    renoise: torch.Tensor
+
+    @classmethod
+    def draw(cls, seed: int, shape: Sequence[int], steps: int, device, dtype) -> VideoNoise:
+        """One video's noise (``B = 1``) of ``shape = (C, T, H, W)`` from ``seed``."""
+        gen = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(1, *shape, generator=gen)
+        renoise = torch.randn(max(steps - 1, 0), 1, *shape, generator=gen)
+        return cls(noise.to(device, dtype), renoise.to(device, dtype))
+
+    @classmethod
+    def stack(cls, parts: Sequence[VideoNoise]) -> VideoNoise:
+        """The videos of ``parts`` as one batch."""
+        return cls(
+            torch.cat([p.noise for p in parts]), torch.cat([p.renoise for p in parts], dim=1)
+        )
+
+    def frames(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noise, renoise)`` of frames ``[lo, hi)``."""
+        return self.noise[:, :, lo:hi], self.renoise[:, :, :, lo:hi]
+
+
+def group_seed(seed: int, step: int, rank: int) -> int:
+    """Noise seed of the group of training step ``step`` on ``rank``."""
+    return rank_seed(seed, rank, stream=1_000_000 + step)
+
+
+def heldout_seed(base_seed: int, prompt_index: int, seed_index: int) -> int:
+    """Noise seed of held-out video ``(prompt_index, seed_index)``: the same before and after
+    training, on any rank."""
+    return rank_seed(base_seed, 10_000 + prompt_index, stream=seed_index)
+
+
+class StreamingGenerator:
+    """Model + cache + sampler + layout (see the module docstring).
+
+    Args:
+        model: the :class:`~kvpo.video_model.VideoModel` (its ``wan`` holds the weights in use).
+        policy: sink + window cache policy.
+        schedule: the few-step schedule; ``rule``: the sampler's update rule (``"x0"``/``"euler"``).
+        layout: frames of a video and its prompt-switch frames, in latent frames.
+        context_timestep: timestep of the context pass that writes a block's K/V.
+        rows: cache rows alive at once (a micro-batch of rows); sizes the page pool.
+        backend: kvpo_kernels backend of the cache (None: auto).
+    """
+
+    def __init__(
+        self,
+        model: VideoModel,
+        policy: CachePolicy,
+        schedule: FlowSchedule,
+        *,
+        rule: str,
+        layout: VideoLayout,
+        context_timestep: float = 0.0,
+        rows: int = 1,
+        backend: str | None = None,
+    ) -> None:
+        self.model, self.wan = model, model.wan
+        self.layout = layout
+        self.context_timestep = float(context_timestep)
+        self.sampler = FewStepSampler(schedule, rule=rule)
+        self.rows = rows
+        self.cache = FrameCache.create(
+            self.wan.config,
+            policy,
+            self.pages_for(policy, rows),
+            dtype=self.wan.dtype,
+            device=self.wan.device,
+            backend=backend,
+        )
+
+    @staticmethod
+    def pages_for(policy: CachePolicy, rows: int) -> int:
+        """Pages for ``rows`` rows alive at once plus a fork snapshot: each row holds its
+        resident frames, a prompt-switch recache segment and a block in flight."""
+        window = policy.local_attn_size if policy.local_attn_size > 0 else policy.resident_frames
+        per_row = policy.resident_frames + window + 2 * policy.frames_per_block
+        return per_row * (rows + 1)
+
+    @property
+    def schedule(self) -> FlowSchedule:
+        return self.sampler.schedule
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.cache.policy.frames_per_block
+
+    # ------------------------------------------------------------------ prompts and noise
+    def segment_texts(self, prompts: Sequence[str]) -> list[TextContext]:
+        """One single-prompt context per segment of one video."""
+        return [self.model.encode([p]) for p in prompts]
+
+    def batch_texts(self, sequences: Sequence[Sequence[str]]) -> list[TextContext]:
+        """One context per segment holding every video's prompt (all with equally many
+        segments)."""
+        counts = {len(s) for s in sequences}
+        if len(counts) != 1:
+            raise ValueError(f"videos of one batch need equally many segments, got {counts}")
+        return [self.model.encode([s[k] for s in sequences]) for k in range(counts.pop())]
+
+    def text_at(self, texts: Sequence[TextContext], frame: int) -> TextContext:
+        """The prompt in force at ``frame``."""
+        return texts[min(self.layout.segment_of(frame), len(texts) - 1)]
+
+    def switches(
+        self, texts: Sequence[TextContext], lo: int, hi: int, include_lo: bool = False
+    ) -> dict[int, TextContext]:
+        """``{frame: text}`` of the prompt switches in ``(lo, hi)`` (``[lo, hi)`` with
+        ``include_lo``)."""
+        return {
+            f: texts[min(k + 1, len(texts) - 1)]
+            for k, f in enumerate(self.layout.switches)
+            if (lo < f or (include_lo and f == lo)) and f < hi
+        }
+
+    def noise(self, seed: int, num_frames: int | None = None) -> VideoNoise:
+        """The noise of one video from ``seed`` (``num_frames``: default the layout's)."""
+        C, H, W = self.model.latent_shape
+        T = num_frames or self.layout.num_frames
+        return VideoNoise.draw(
+            seed, (C, T, H, W), self.schedule.num_steps, self.wan.device, self.wan.dtype
+        )
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        rows: Sequence[int],
+        texts: Sequence[TextContext],
+        noise: VideoNoise,
+        start: int,
+        end: int,
+        *,
+        switch_at_start: bool = False,
+        history: torch.Tensor | None = None,
+        plans=None,
+        record: bool = False,
+    ) -> Generation:
+        """Frames ``[start, end)`` for ``rows`` (holding frames ``< start``), with the prompt in
+        force at ``start`` and the switches after it (and at ``start`` when
+        ``switch_at_start``: its recache runs first). ``noise`` covers the whole video;
+        ``history``, ``plans``, ``record``: see :func:`kvpo.models.generate`."""
+        x, xi = noise.frames(start, end)
+        return generate(
+            self.wan,
+            self.cache,
+            rows,
+            self.text_at(texts, start),
+            x,
+            sampler=self.sampler,
+            renoise=xi,
+            start_frame=start,
+            switches=self.switches(texts, start, end, include_lo=switch_at_start),
+            history=history,
+            plans=plans,
+            record=record,
+            context_timestep=self.context_timestep,
+        )
+
+    def recache(self, rows: Sequence[int], past: torch.Tensor, text: TextContext, frame: int):
+        """Prompt-switch recache at ``frame`` from the clean latents ``past [B | 1, C, frame,
+        H, W]`` (:func:`kvpo.models.recache`)."""
+        return recache(self.wan, self.cache, rows, past, text, frame, self.context_timestep)
+
+    @torch.no_grad()
+    def videos(self, sequences: Sequence[Sequence[str]], seeds: Sequence[int]) -> torch.Tensor:
+        """Unrouted videos ``[B, T_video, 3, H, W]`` in [0, 1] of ``sequences[i]`` (prompt
+        segments) with noise from ``seeds[i]``, generated as one batch of rows from frame 0."""
+        if len(sequences) != len(seeds):
+            raise ValueError(f"need one seed per video, got {len(sequences)} and {len(seeds)}")
+        texts = self.batch_texts(sequences)
+        noise = VideoNoise.stack([self.noise(s) for s in seeds])
+        rows = self.cache.new_rows(len(seeds))
+        try:
+            out = self.generate(rows, texts, noise, 0, self.layout.num_frames)
+        finally:
+            self.cache.free(rows)
+        return self.model.decode(out.latents)
+
+
+def stream_from_config(model: VideoModel, cfg, rows: int) -> StreamingGenerator:
+    """The :class:`StreamingGenerator` of a :class:`~kvpo.training.config.TrainConfig` with
+    ``rows`` cache rows alive at once."""
+    return StreamingGenerator(
+        model,
+        cfg.cache_policy(),
+        cfg.schedule(),
+        rule=cfg.sampler_rule,
+        layout=cfg.latent_layout(),
+        context_timestep=float(cfg.context_noise),
+        rows=rows,
+        backend=None if cfg.kernel_backend == "auto" else cfg.kernel_backend,
+    )

@@ -1,0 +1,177 @@
+"""Reading a :class:`~kvpo.training.config.TrainConfig`: YAML files, ``key=value`` overrides and
+the ``--help`` text.
+
+Values from YAML and overrides are coerced to the field's type (``lr=1e-4`` is a float even though
+YAML reads it as a string); an unknown key is an error that names the closest known key; a key
+with declared choices lists them in ``--help`` (validation: :mod:`kvpo.training.validation`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvpo.training.config import ConfigError, RewardComponent, TrainConfig
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key of ``cls``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, prefix + f.name + ".")
+    return keys
+
+
+def _unknown(key: str, cls, prefix: str) -> ConfigError:
+    known = all_keys(cls, prefix)
+    close = difflib.get_close_matches(prefix + key, known, n=1, cutoff=0.5)
+    if not close:
+        lowered = {k.lower(): k for k in known}
+        close = difflib.get_close_matches((prefix + key).lower(), list(lowered), n=1, cutoff=0.4)
+        close = [lowered[c] for c in close]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {prefix + key!r}{hint} (see --help for all keys)")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(value, hint, prefix=key + ".")
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        except ValueError as err:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from err
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from err
+    if hint is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def from_dict(data: dict, cls=TrainConfig, prefix: str = ""):
+    """Build ``cls`` from a (nested) dict; unknown keys raise with the closest known key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(data)}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown(str(key), cls, prefix)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set ``key=value`` strings (dotted keys for nested fields) into a nested dict copy."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override must look like key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts, cls, node = key.split("."), TrainConfig, data
+        for i, part in enumerate(parts):
+            names = {f.name for f in dataclasses.fields(cls)}
+            if part not in names:
+                raise _unknown(part, cls, ".".join(parts[:i]) + ("." if i else ""))
+            hint = _hints(cls)[part]
+            if i == len(parts) - 1:
+                try:
+                    node[part] = yaml.safe_load(text) if text.strip() else ""
+                except yaml.YAMLError as err:
+                    raise ConfigError(f"{key}: cannot read the value {text!r} ({err})") from err
+            elif dataclasses.is_dataclass(hint):
+                node = node.setdefault(part, {})
+                cls = hint
+            else:
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} has no sub-keys (got {key!r})")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def help_text() -> str:
+    """Every key with its type, default and meaning, grouped (the ``--help`` epilog)."""
+    lines = []
+
+    def walk(cls, prefix):
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("group"):
+                lines.append(f"\n{f.metadata['group']}:")
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if hint == list[RewardComponent]:
+                default = ", ".join(f"{c.name}:{c.weight:g}" for c in default)
+            name = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
+            name = name or str(hint).replace("kvpo.training.config.", "")
+            lines.append(f"  {prefix + f.name} ({name}, default {default!r})")
+            allowed = f.metadata.get("choices")
+            suffix = f" (choices: {', '.join(map(str, allowed))})" if allowed else ""
+            lines.append(f"      {f.metadata['help']}{suffix}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Held-out evaluation: the same prompts and noise before and after training, scored alike.
+
+Each held-out video is a ``(prompt sequence, seed)`` pair, generated unrouted from the start (the
+deployment setting: sink + window cache, prompt switches with recache) by
+:meth:`kvpo.streaming.StreamingGenerator.videos` with noise from
+:func:`kvpo.streaming.heldout_seed` ``(base seed, prompt index, seed index)`` only, so a video
+before and after training differs only by the weights. It is scored with the global reward (one
+clip per segment, its own prompt; :mod:`kvpo.rewards.clips`). Pairs are split over ranks
+(:func:`rank_pairs`) and gathered. ``kvpo evaluate`` and the trainer both call :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvpo.rewards.clips import global_clips, score_clips
+from kvpo.streaming import StreamingGenerator, heldout_seed
+from kvpo.training.distributed import DistInfo, gather_objects
+
+
+def eval_pairs(num_prompts: int, num_seeds: int) -> list[tuple[int, int]]:
+    """Every ``(prompt index, seed index)`` pair, prompt-major."""
+    return [(p, s) for p in range(num_prompts) for s in range(num_seeds)]
+
+
+def rank_pairs(pairs: Sequence, rank: int, world_size: int) -> list:
+    """The pairs rank ``rank`` of ``world_size`` evaluates: every ``world_size``-th from
+    ``rank`` (each pair on exactly one rank; counts differ by at most one)."""
+    return list(pairs[rank::world_size])
+
+
+def evaluate(
+    stream: StreamingGenerator,
+    reward,
+    prompts: Sequence[Sequence[str]],
+    num_seeds: int,
+    *,
+    base_seed: int,
+    info: DistInfo,
+    batch: int = 16,
+    clip_len: int = 0,
+) -> dict[str, list[float]]:
+    """Reward components of every ``(prompt, seed)`` pair, in :func:`eval_pairs` order.
+
+    ``batch``: videos generated at once (rows of ``stream``'s cache).
+    """
+    pairs = eval_pairs(len(prompts), num_seeds)
+    mine = rank_pairs(pairs, info.rank, info.world_size)
+    layout = stream.layout.mapped(stream.model.video_frame)
+    scores: dict[tuple[int, int], dict[str, float]] = {}
+    for b0 in range(0, len(mine), batch):
+        chunk = mine[b0 : b0 + batch]
+        seqs = [prompts[p] for p, _ in chunk]
+        seeds = [heldout_seed(base_seed, p, s) for p, s in chunk]
+        videos = stream.videos(seqs, seeds)
+        values = score_clips(reward, videos, [global_clips(layout, seq, clip_len) for seq in seqs])
+        for i, pair in enumerate(chunk):
+            scores[pair] = {k: float(v[i]) for k, v in values.items()}
+    merged: dict = {}
+    for part in gather_objects(scores, info):
+        merged.update(part)
+    names = list(merged[pairs[0]])
+    return {name: [merged[pair][name] for pair in pairs] for name in names}

@@ -1,0 +1,245 @@
+"""The training run: :class:`KVPOTrainer` owns evaluation, the step loop, checkpoints and outputs.
+
+    from kvpo import KVPOTrainer, TrainConfig
+
+    trainer = KVPOTrainer(TrainConfig(max_train_steps=20), reward=my_reward, prompts=my_prompts)
+    summary = trainer.train()      # evaluate, train, checkpoint, evaluate again, summarise
+
+``model`` (a :class:`~kvpo.video_model.VideoModel`; default: loaded from ``generator_ckpt``),
+``reward`` (a callable, a registered name or ``"pkg.module:Factory"``; default:
+``reward_model``) and ``prompts`` (a :class:`~kvpo.training.prompts.PromptSource` or a list of
+prompt sequences; default: ``data_path`` / the toy's) are constructor arguments.
+``python -m kvpo.train`` is a thin command line over this class.
+
+A run directory (``output_dir/run_name``) receives ``config.yaml`` (the resolved config),
+``metrics.jsonl``, ``checkpoints/``, ``adapter/`` (peft format), ``eval_<tag>.json``,
+``summary.json``, the plots and ``samples/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kvpo.rewards.registry import resolve_reward
+from kvpo.training.checkpoint import capture_rng, export_adapter, resolve_checkpoint
+from kvpo.training.config import TrainConfig
+from kvpo.training.distributed import DistInfo, barrier, gather_objects, init_distributed, rank_seed
+from kvpo.training.evaluation import evaluate
+from kvpo.training.learner import PHASES, Learner, SkippedStep
+from kvpo.training.metrics import (
+    MetricsLogger,
+    PhaseTimer,
+    peak_memory_bytes,
+    write_curve_png,
+    write_video_grid_gif,
+)
+from kvpo.training.paired_stats import format_summary, paired_summary
+from kvpo.training.prompts import PromptSource, prompt_source
+from kvpo.training.state import load_state, save_state
+from kvpo.training.validation import validate
+from kvpo.video_model import VideoModel, load_video_model
+
+
+def run_directory(cfg: TrainConfig, resume: str | None, info: DistInfo) -> Path:
+    """The run directory: the resumed run's, or ``output_dir/run_name`` (rank 0's timestamp
+    when ``run_name`` is empty)."""
+    if resume is not None:
+        return resolve_checkpoint(resume).parent.parent
+    name = cfg.run_name or time.strftime("kvpo-%Y%m%d-%H%M%S")
+    name = gather_objects(name, info)[0]
+    return Path(cfg.output_dir) / name
+
+
+def build_learner(
+    cfg: TrainConfig,
+    info: DistInfo,
+    *,
+    model: VideoModel | None = None,
+    reward=None,
+    prompts: PromptSource | Sequence[Sequence[str]] | None = None,
+) -> Learner:
+    """The :class:`Learner` of ``cfg`` with the model, reward and prompts given or, where None,
+    the config's (``generator_ckpt``, ``reward_model``, ``data_path`` / the toy's)."""
+    if not isinstance(prompts, PromptSource):
+        if prompts is not None:
+            prompts = PromptSource.from_sequences(
+                prompts, eval_prompts=cfg.eval_prompts, seed=cfg.seed
+            )
+        else:
+            prompts = prompt_source(
+                cfg.data_path, cfg.eval_data_path, num_segments=len(cfg.switch_frames) + 1,
+                eval_prompts=cfg.eval_prompts, seed=cfg.seed,
+            )  # fmt: skip
+    return Learner(
+        cfg,
+        model or load_video_model(cfg, info.device),
+        info,
+        reward=resolve_reward(reward if reward is not None else cfg.reward_model),
+        prompts=prompts,
+    )
+
+
+class KVPOTrainer:
+    """KVPO training of one process (one prompt group per rank and step).
+
+    Args:
+        config: the run's configuration (default: the built-in toy run).
+        model: the video model to align (default: ``load_video_model(config)``).
+        reward: reward model (default: ``config.reward_model``); see :mod:`kvpo.rewards`.
+        prompts: a :class:`PromptSource`, or a list of prompt sequences (lists of segment
+            strings; the last ``eval_prompts`` are held out), default from ``config``.
+        resume: a run directory or checkpoint to continue from (bit for bit).
+        info: rank and device (default: :func:`~kvpo.training.distributed.init_distributed`).
+
+    The configuration is validated first (:class:`~kvpo.training.config.ConfigError` lists
+    every problem before any work).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig | None = None,
+        *,
+        model: VideoModel | None = None,
+        reward=None,
+        prompts: PromptSource | Sequence[Sequence[str]] | None = None,
+        resume: str | None = None,
+        info: DistInfo | None = None,
+    ) -> None:
+        cfg = self.cfg = config or TrainConfig()
+        validate(cfg, resume=resume)
+        self.info = info or init_distributed(cfg.device)
+        self.main = self.info.is_main
+        self.run_dir = run_directory(cfg, resume, self.info)
+        if self.main:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+        barrier(self.info)
+        torch.manual_seed(rank_seed(cfg.seed, self.info.rank, stream=7))
+        self.learner = build_learner(cfg, self.info, model=model, reward=reward, prompts=prompts)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.main, tensorboard=cfg.tensorboard)
+        self.bars = cfg.show_progress and self.main
+        if resume is not None:
+            load_state(self.learner, resume)
+
+    def log(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> dict | None:
+        """Evaluate, train to ``max_train_steps``, checkpoint, evaluate again; returns the
+        summary (rank 0; None elsewhere)."""
+        cfg = self.cfg
+        before = self.evaluate("before") if cfg.eval_before else None
+        self.steps()
+        self.save()
+        after = self.evaluate("after") if cfg.eval_after else None
+        return self.finish(before, after)
+
+    def evaluate(self, tag: str) -> dict[str, list[float]]:
+        """Held-out rewards ``{component: [pairs]}``, saved as ``eval_<tag>.json`` (a resumed
+        run reads the saved file instead of evaluating again)."""
+        cfg, learner = self.cfg, self.learner
+        path = self.run_dir / f"eval_{tag}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        prompts = learner.prompts.heldout(cfg.eval_prompts)
+        start = time.perf_counter()
+        with learner.ema_weights(cfg.eval_use_ema and tag != "before"):
+            scores = evaluate(
+                learner.stream, learner.reward, prompts, cfg.eval_seeds, base_seed=cfg.seed,
+                info=self.info, batch=learner.rows_per_batch,
+                clip_len=cfg.long_reward_normal_clip_len,
+            )  # fmt: skip
+        if self.main:
+            path.write_text(json.dumps(scores))
+        self.log(f"evaluation {tag}: {len(prompts)} prompts x {cfg.eval_seeds} seeds in "
+                 f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+        return scores
+
+    def steps(self) -> None:
+        """The step loop from the current step to ``max_train_steps``."""
+        cfg, learner = self.cfg, self.learner
+        counters = learner.counters
+        bar = tqdm(total=cfg.max_train_steps, initial=counters.step, desc="KVPO",
+                   unit="step", disable=not self.bars)  # fmt: skip
+        for step in range(counters.step, cfg.max_train_steps):
+            phases = tqdm(total=len(PHASES), desc=f"step {step}", leave=False,
+                          disable=not self.bars)  # fmt: skip
+            timer = PhaseTimer(self.info.device, phases)
+            try:
+                record = learner.train_step(step, timer)
+                counters.consecutive_skips = 0
+            except SkippedStep as err:
+                record = {"skipped": str(err)}
+                counters.skipped += 1
+                counters.consecutive_skips += 1
+                self.log(f"step {step} skipped: {err}")
+                if counters.consecutive_skips >= cfg.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"{counters.consecutive_skips} consecutive steps skipped (last: {err}); "
+                        "stopping. Lower lr, check the reward model, or raise "
+                        "max_consecutive_skips."
+                    ) from err
+            finally:
+                phases.close()
+            counters.step = step + 1
+            record["time"] = dict(timer.seconds)
+            record["peak_memory_bytes"] = peak_memory_bytes(self.info.device)
+            self._after_step(step, record, bar)
+        bar.close()
+
+    def _after_step(self, step: int, record: dict, bar) -> None:
+        cfg, learner = self.cfg, self.learner
+        signal = "reward_global" if cfg.train_global else "reward_local"
+        rewards = gather_objects(
+            (record.get(f"{signal}/total_mean"), record.get(f"{signal}/total_anchor")), self.info
+        )
+        done = [r for r in rewards if r[0] is not None]
+        if done:
+            branch = sum(r[0] for r in done) / len(done)
+            anchor = sum(r[1] for r in done) / len(done)
+            learner.counters.history.append([step, branch, anchor])
+            bar.set_postfix(reward=f"{branch:.3f}", loss=f"{record.get('loss', float('nan')):.3g}")
+        if (step + 1) % cfg.log_interval == 0 or "skipped" in record:
+            self.logger.log(step, record)
+        bar.update(1)
+        if cfg.sample_interval_steps and (step + 1) % cfg.sample_interval_steps == 0 and self.main:
+            write_video_grid_gif(
+                self.run_dir / "samples" / f"step{step + 1:05d}.gif", learner.last_videos
+            )
+        if cfg.eval_interval_steps and (step + 1) % cfg.eval_interval_steps == 0:
+            scores = self.evaluate(f"step{step + 1:05d}")
+            self.logger.log(step, {"eval": {k: sum(v) / len(v) for k, v in scores.items()}})
+        if cfg.save_interval_steps and (step + 1) % cfg.save_interval_steps == 0:
+            self.save()
+
+    def save(self) -> None:
+        """Checkpoint (rank 0 writes) and export the adapter in peft format."""
+        state = save_state(self.learner, self.run_dir, capture_rng(), write=self.main)
+        barrier(self.info)
+        if self.main and state is not None:
+            export_adapter(self.learner.model, self.run_dir / "adapter")
+
+    def finish(self, before, after) -> dict | None:
+        """Plots, the paired before/after table and ``summary.json`` (rank 0)."""
+        cfg, counters = self.cfg, self.learner.counters
+        if not self.main:
+            return None
+        curve = {"branches (mean)": [(h[0], h[1]) for h in counters.history],
+                 "anchor": [(h[0], h[2]) for h in counters.history]}  # fmt: skip
+        write_curve_png(self.run_dir / "reward_curve.png", curve, "training reward (total)")
+        summary = {"steps": counters.step, "skipped": counters.skipped}
+        if before is not None and after is not None:
+            stats = paired_summary(before, after, cfg.reward_weights)
+            summary["heldout"] = [s.to_dict() for s in stats]
+            print(format_summary(stats, f"held-out rewards, {cfg.eval_prompts} prompts"))
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"run directory: {self.run_dir}")
+        return summary
