@@ -22,7 +22,7 @@ import sys
 JOBS = {
     "train": ("kvpo.train", "KVPO training of a LoRA adapter (the main job)", False),
     "evaluate": (
-        "kvpo.toy.evaluate",
+        "kvpo.evaluate",
         "held-out rewards of a model, as the trainer scores them",
         False,
     ),

@@ -1,4 +1,8 @@
-"""Sample videos from the toy model and score them: ``python -m kvpo.sample --prompt "..."``.
+"""Sample videos from the toy model and score them: ``kvpo sample prompt="..."``.
+
+Generation goes through :class:`kvpo.streaming.StreamingGenerator` (:func:`sample_videos`): a
+story's segments switch at the blocks :func:`kvpo.toy.world.segment_starts` gives, and a video's
+noise comes from its seed alone.
 
 Each ``--prompt`` is one segment of the video, in order (a prompt may also hold several
 ``", then "`` clauses); the segments switch at block boundaries with a KV recache. Writes, per
@@ -16,16 +20,21 @@ Examples::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from kvpo.models.sampler import FlowSchedule
+from kvpo.rewards.clips import VideoLayout
 from kvpo.rewards.registry import build_reward, score
-from kvpo.toy.model import load_toy_model
-from kvpo.toy.prompts import heldout_prompts, parse_prompt, story_text
-from kvpo.toy.sampling import sample_videos
+from kvpo.streaming import StreamingGenerator
+from kvpo.toy.model import ToyModel, load_toy_model
+from kvpo.toy.prompts import heldout_prompts, parse_prompt, segment_text, story_text
+from kvpo.toy.world import segment_starts
+from kvpo.video_model import toy_video_model
 
 
 def to_uint8(video: torch.Tensor, scale: int) -> np.ndarray:
@@ -60,6 +69,48 @@ def contact_sheet(videos: list[np.ndarray], gap: int = 2) -> Image.Image:
             y, x = gap + r * (h + gap), gap + c * (w + gap)
             sheet[y : y + h, x : x + w] = frame
     return Image.fromarray(sheet)
+
+
+def toy_stream(model: ToyModel, layout: VideoLayout, rows: int) -> StreamingGenerator:
+    """A streaming generator of the toy ``model`` over ``layout`` with ``rows`` rows."""
+    cfg = model.config
+    return StreamingGenerator(
+        toy_video_model(model),
+        cfg.cache_policy,
+        FlowSchedule(cfg.denoising_step_list, shift=cfg.timestep_shift),
+        rule=cfg.sampler_rule,
+        layout=layout,
+        context_timestep=cfg.context_noise,
+        rows=rows,
+    )
+
+
+@torch.no_grad()
+def sample_videos(
+    model: ToyModel,
+    stories: Sequence[str],
+    seeds: Sequence[int],
+    num_blocks: int | None = None,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Generate one video per story (every story with the same number of segments).
+
+    Returns (videos [B, T, 3, H, W] fp32 in [0, 1] on the model's device, segment_starts: B lists
+    of frame indices), ``T = num_blocks * frames_per_block`` (default: the toy's 8 blocks).
+    """
+    if len(stories) != len(seeds):
+        raise ValueError(
+            f"expected one seed per story, got {len(stories)} stories, {len(seeds)} seeds"
+        )
+    cfg = model.config
+    num_blocks = num_blocks or cfg.num_blocks
+    sequences = [[segment_text(s) for s in parse_prompt(story)] for story in stories]
+    counts = {len(s) for s in sequences}
+    if len(counts) != 1:
+        raise ValueError(f"stories of one batch need equally many segments, got {sorted(counts)}")
+    starts = segment_starts(counts.pop(), num_blocks, cfg.frames_per_block)
+    layout = VideoLayout(num_blocks * cfg.frames_per_block, tuple(starts[1:]))
+    videos = toy_stream(model, layout, len(stories)).videos(sequences, seeds)
+    return videos.float(), [list(starts) for _ in stories]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from kvpo.rewards.registry import resolve_reward
 from kvpo.training.checkpoint import capture_rng, export_adapter, resolve_checkpoint
 from kvpo.training.config import TrainConfig
 from kvpo.training.distributed import DistInfo, barrier, gather_objects, init_distributed, rank_seed
-from kvpo.training.evaluation import evaluate
+from kvpo.training.heldout import evaluate
 from kvpo.training.learner import PHASES, Learner, SkippedStep
 from kvpo.training.metrics import (
     MetricsLogger,

@@ -118,7 +118,7 @@ def test_ppo_epochs_equal_sequential_updates_on_one_rollout(weights, tmp_path):
 def test_heldout_evaluation_equals_kvpo_evaluate(weights, tmp_path, capsys):
     """The trainer's evaluation before training and ``kvpo evaluate`` give identical numbers
     for the same weights, prompts and seeds."""
-    from kvpo.toy.evaluate import main as evaluate_main
+    from kvpo.evaluate import main as evaluate_main
 
     trainer = KVPOTrainer(tiny_config(weights, tmp_path, "run_name=e"), info=DistInfo())
     scores = trainer.evaluate("before")

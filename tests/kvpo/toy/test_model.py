@@ -6,12 +6,12 @@ import torch
 from kvpo.models.frame_cache import FrameCache
 from kvpo.rewards.registry import build_reward, score
 from kvpo.sample import main as sample_main
+from kvpo.sample import sample_videos
 from kvpo.toy.config import TOY
 from kvpo.toy.model import WEIGHTS_DIR, ToyModel, load_toy_model
 from kvpo.toy.pretrain import TeacherForcingContext
 from kvpo.toy.pretrain import main as pretrain_main
 from kvpo.toy.prompts import heldout_prompts
-from kvpo.toy.sampling import sample_videos
 from kvpo.toy.world import sample_batch, segment_starts
 
 

@@ -1,8 +1,8 @@
-"""Score a model on the held-out prompts: ``kvpo evaluate`` (``python -m kvpo.toy.evaluate``).
+"""Score a model on the held-out prompts: ``kvpo evaluate`` (``python -m kvpo.evaluate``).
 
 The trainer's held-out evaluation, on its own: the same config keys (``--config`` and
 ``key=value`` overrides, as ``kvpo train``), the same prompts, noise, generation and scoring
-(:func:`kvpo.training.evaluation.evaluate`), so for the same weights it prints the numbers of a
+(:func:`kvpo.training.heldout.evaluate`), so for the same weights it prints the numbers of a
 run's ``eval_before.json``. Prints the mean and standard deviation of every reward component
 over ``eval_prompts x eval_seeds`` videos as a markdown table, for the model and, for a toy model,
 for a randomly initialised model of the same shape (seeded) and for the world's own videos of
@@ -26,7 +26,7 @@ from kvpo.streaming import stream_from_config
 from kvpo.training.config import ConfigError, TrainConfig
 from kvpo.training.config_parse import load_config
 from kvpo.training.distributed import DistInfo, resolve_device
-from kvpo.training.evaluation import evaluate
+from kvpo.training.heldout import evaluate
 from kvpo.training.prompts import prompt_source
 from kvpo.training.validation import is_toy_dir, validate
 from kvpo.video_model import VideoModel, load_video_model, toy_video_model
