@@ -150,28 +150,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(apply_overrides(data, overrides or []))
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One settable key: dotted name, type name, default, help text, allowed values, section."""
+
+    key: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple | None
+    group: str | None
+
+
+def key_docs(cls=TrainConfig, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of ``cls`` in declaration order (the source of ``--help`` and
+    ``docs/configuration.md``)."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        hint, group = hints[f.name], f.metadata.get("group")
+        if dataclasses.is_dataclass(hint):
+            inner = key_docs(hint, prefix + f.name + ".")
+            if group and inner:
+                inner[0] = dataclasses.replace(inner[0], group=group)
+            out += inner
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if hint == list[RewardComponent]:
+            default = ", ".join(f"{c.name}:{c.weight:g}" for c in default)
+        name = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
+        name = name or str(hint).replace("kvpo.training.config.", "")
+        out.append(
+            KeyDoc(prefix + f.name, name, default, f.metadata["help"], f.metadata["choices"], group)
+        )
+    return out
+
+
 def help_text() -> str:
     """Every key with its type, default and meaning, grouped (the ``--help`` epilog)."""
     lines = []
-
-    def walk(cls, prefix):
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("group"):
-                lines.append(f"\n{f.metadata['group']}:")
-            hint = hints[f.name]
-            if dataclasses.is_dataclass(hint):
-                walk(hint, prefix + f.name + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if hint == list[RewardComponent]:
-                default = ", ".join(f"{c.name}:{c.weight:g}" for c in default)
-            name = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
-            name = name or str(hint).replace("kvpo.training.config.", "")
-            lines.append(f"  {prefix + f.name} ({name}, default {default!r})")
-            allowed = f.metadata.get("choices")
-            suffix = f" (choices: {', '.join(map(str, allowed))})" if allowed else ""
-            lines.append(f"      {f.metadata['help']}{suffix}")
-
-    walk(TrainConfig, "")
+    for doc in key_docs():
+        if doc.group:
+            lines.append(f"\n{doc.group}:")
+        lines.append(f"  {doc.key} ({doc.type}, default {doc.default!r})")
+        suffix = f" (choices: {', '.join(map(str, doc.choices))})" if doc.choices else ""
+        lines.append(f"      {doc.help}{suffix}")
     return "\n".join(lines)
