@@ -17,54 +17,6 @@
 namespace kvpo {
 namespace {
 
-// ---- scalar conversions (round to nearest even) --------------------------------------------
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
-
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-    const float v = float(mantissa) * 5.9604644775390625e-08f;
-    return sign ? -v : v;
-  }
-  if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
-  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-}
-
-inline uint16_t float_to_half(float f) {
-  uint32_t x = float_to_bits(f);
-  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
-  x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u);
-  if (x >= 0x477ff000u) return sign | 0x7c00u;  // rounds to 65520 or more: infinity
-  if (x < 0x38800000u) {                         // below 2^-14: a subnormal half
-    return sign | uint16_t(std::nearbyint(bits_to_float(x) * 16777216.0f));
-  }
-  uint32_t r = x - 0x38000000u;  // rebias the exponent from 127 to 15
-  r += 0xfffu + ((r >> 13) & 1u);
-  return sign | uint16_t(r >> 13);
-}
-
 // ---- portable C++ --------------------------------------------------------------------------
 
 void gemm_generic(int64_t M, int64_t N, int64_t K, const float* const* a_rows, int64_t a_col,
@@ -109,30 +61,22 @@ void exp2_minus_row_generic(float* x, int64_t rows, int64_t lanes, const float* 
     for (int64_t c = 0; c < lanes; ++c) x[r * lanes + c] = std::exp2(x[r * lanes + c] - shift[r]);
 }
 
-void load_row_generic(ElemType type, const void* src, int64_t n, int64_t padded, float scale,
+void load_row_generic(DType type, const void* src, int64_t n, int64_t padded, float scale,
                       float* dst) {
-  if (type == ElemType::kFloat32) {
-    const float* s = static_cast<const float*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = scale * s[i];
-  } else {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    const bool bf16 = type == ElemType::kBFloat16;
-    for (int64_t i = 0; i < n; ++i)
-      dst[i] = scale * (bf16 ? bf16_to_float(s[i]) : half_to_float(s[i]));
-  }
+  visit_dtype(type, [&](auto d) {
+    using E = Elem<decltype(d)::value>;
+    const auto* s = static_cast<const typename E::T*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = scale * static_cast<float>(E::load(s[i]));
+  });
   for (int64_t i = n; i < padded; ++i) dst[i] = 0.0f;
 }
 
-void store_row_generic(ElemType type, const float* src, int64_t n, float scale, void* dst) {
-  if (type == ElemType::kFloat32) {
-    float* d = static_cast<float*>(dst);
-    for (int64_t i = 0; i < n; ++i) d[i] = scale * src[i];
-    return;
-  }
-  uint16_t* d = static_cast<uint16_t*>(dst);
-  const bool bf16 = type == ElemType::kBFloat16;
-  for (int64_t i = 0; i < n; ++i)
-    d[i] = bf16 ? float_to_bf16(scale * src[i]) : float_to_half(scale * src[i]);
+void store_row_generic(DType type, const float* src, int64_t n, float scale, void* dst) {
+  visit_dtype(type, [&](auto d) {
+    using E = Elem<decltype(d)::value>;
+    auto* out = static_cast<typename E::T*>(dst);
+    for (int64_t i = 0; i < n; ++i) out[i] = E::store(scale * src[i]);
+  });
 }
 
 // ---- AVX-512 -------------------------------------------------------------------------------
@@ -268,17 +212,17 @@ KVPO_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1u);
 }
 
-KVPO_AVX512 void load_row_avx512(ElemType type, const void* src, int64_t n, int64_t padded,
+KVPO_AVX512 void load_row_avx512(DType type, const void* src, int64_t n, int64_t padded,
                                  float scale, float* dst) {
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < padded; i += 16) {
     const __mmask16 k = i < n ? tail_mask(n - i) : __mmask16(0);
     __m512 v;
-    if (type == ElemType::kFloat32) {
+    if (type == DType::F32) {
       v = _mm512_maskz_loadu_ps(k, static_cast<const float*>(src) + i);
     } else {
       const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(src) + i);
-      v = type == ElemType::kFloat16
+      v = type == DType::F16
               ? _mm512_cvtph_ps(h)
               : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
@@ -286,18 +230,18 @@ KVPO_AVX512 void load_row_avx512(ElemType type, const void* src, int64_t n, int6
   }
 }
 
-KVPO_AVX512 void store_row_avx512(ElemType type, const float* src, int64_t n, float scale,
+KVPO_AVX512 void store_row_avx512(DType type, const float* src, int64_t n, float scale,
                                   void* dst) {
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = tail_mask(n - i);
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + i), s);
-    if (type == ElemType::kFloat32) {
+    if (type == DType::F32) {
       _mm512_mask_storeu_ps(static_cast<float*>(dst) + i, k, v);
       continue;
     }
     __m256i h;
-    if (type == ElemType::kFloat16) {
+    if (type == DType::F16) {
       h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {  // bf16: round to nearest even on the bits, NaN kept quiet
       const __m512i u = _mm512_castps_si512(v);

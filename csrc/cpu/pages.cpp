@@ -1,4 +1,5 @@
-// OpenMP CPU kernels for page copies and token writes. No torch headers: pointers, sizes and strides only.
+// OpenMP CPU kernels for page copies and token writes. No torch headers: pointers, sizes and
+// strides only.
 #include <cstring>
 
 #include "kvpo/pages.h"

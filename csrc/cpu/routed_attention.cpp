@@ -97,16 +97,12 @@ void prefetch_token(const KeySource& src, int64_t t, int64_t row_bytes) {
 // where they lie; other rows are converted (and zero-padded to dp) into a tile.
 struct RowReader {
   const TileOps& ops;
-  ElemType type;
+  DType type;
   int64_t dim, dp;
   bool in_place;
 
-  RowReader(const TileOps& o, ElemType t, int64_t d)
-      : ops(o),
-        type(t),
-        dim(d),
-        dp(round_up(d, 16)),
-        in_place(t == ElemType::kFloat32 && d == dp) {}
+  RowReader(const TileOps& o, DType t, int64_t d)
+      : ops(o), type(t), dim(d), dp(round_up(d, 16)), in_place(t == DType::F32 && d == dp) {}
 
   const float* row(const char* src, float* tile_row) const {
     if (in_place) return reinterpret_cast<const float*>(src);
@@ -128,7 +124,7 @@ void key_block_rows(const RowReader& reader, const KeySource& src, int64_t t0, i
 }
 
 // Transposed, scaled copy of rows: dst[d, r] = scale * src_r[d] for r < rows, 0 for padding lanes.
-void load_transposed(const TileOps& ops, ElemType type, const char* const* rows, int64_t count,
+void load_transposed(const TileOps& ops, DType type, const char* const* rows, int64_t count,
                      int64_t lanes, int64_t dim, int64_t dp, float scale, float* row_buffer,
                      float* dst) {
   for (int64_t r = 0; r < count; ++r) {
@@ -187,7 +183,7 @@ struct QueryScratch {
         values(kKeyBlock), qt_rows(dp), dot_rows(dp), st_cols(max_lanes), rows(max_lanes) {}
 
   // Qt [dp, padded] = scale * the tile's query rows of `src`, transposed; and row pointers.
-  void load_queries(const TileOps& ops, ElemType type, const RoutedAttentionShape& s,
+  void load_queries(const TileOps& ops, DType type, const RoutedAttentionShape& s,
                     const QueryTile& tile, const char* src, float scale, float* dst,
                     const float** dst_rows) {
     const int64_t elem = element_size(type), dp = round_up(s.dim, 16);
@@ -200,7 +196,7 @@ struct QueryScratch {
 
 }  // namespace
 
-void routed_attention_forward_cpu(const RoutedAttentionShape& s, ElemType type,
+void routed_attention_forward_cpu(const RoutedAttentionShape& s, DType type,
                                   const PagedContext& ctx, const RoutedAttentionForwardArgs& args,
                                   float scale) {
   const TileOps& ops = tile_ops();
@@ -247,7 +243,7 @@ void routed_attention_forward_cpu(const RoutedAttentionShape& s, ElemType type,
 namespace {
 
 // Backward pass 1: dQ of every query over all its keys; also writes delta = rowsum(dO O) - dlse.
-void backward_queries(const TileOps& ops, const RoutedAttentionShape& s, ElemType type,
+void backward_queries(const TileOps& ops, const RoutedAttentionShape& s, DType type,
                       const PagedContext& ctx, const RoutedAttentionBackwardArgs& args,
                       float scale, float* delta_out) {
   const RowReader reader(ops, type, s.dim);
@@ -306,7 +302,7 @@ void backward_queries(const TileOps& ops, const RoutedAttentionShape& s, ElemTyp
 }
 
 // Backward pass 2: dK, dV of the new tokens over every query of the kv head's query heads.
-void backward_new_tokens(const TileOps& ops, const RoutedAttentionShape& s, ElemType type,
+void backward_new_tokens(const TileOps& ops, const RoutedAttentionShape& s, DType type,
                          const PagedContext& ctx, const RoutedAttentionBackwardArgs& args,
                          float scale, const float* delta) {
   const RowReader reader(ops, type, s.dim);
@@ -389,7 +385,7 @@ void backward_new_tokens(const TileOps& ops, const RoutedAttentionShape& s, Elem
 
 }  // namespace
 
-void routed_attention_backward_cpu(const RoutedAttentionShape& s, ElemType type,
+void routed_attention_backward_cpu(const RoutedAttentionShape& s, DType type,
                                    const PagedContext& ctx, const RoutedAttentionBackwardArgs& args,
                                    float scale) {
   const TileOps& ops = tile_ops();

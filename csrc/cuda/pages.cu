@@ -1,5 +1,5 @@
-// CUDA kernels for page copies and token writes. Includes only CUDA headers and kvpo headers, so that
-// `nvcc -c` compiles it without a CUDA build of torch (tools/check_cuda_compile.sh).
+// CUDA kernels for page copies and token writes. Includes only CUDA headers and kvpo headers, so
+// that `nvcc -c` compiles it without a CUDA build of torch (tools/check_cuda_compile.sh).
 #include <cuda_runtime.h>
 
 #include <initializer_list>

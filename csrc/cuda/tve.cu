@@ -4,8 +4,6 @@
 // One block per work unit (item, chunk of kTveChunkCuda elements). Stage 1 reduces a chunk with
 // per-thread fp32 (fp64) accumulators and a fixed shuffle tree; stage 2 sums an item's partials
 // with one warp per item in a fixed order. The backward writes each chunk's gradient.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kvpo/tve.h"
@@ -16,46 +14,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;
-
-// Storage type, accumulator and conversions per input dtype.
-template <TveDType D>
-struct DevElem;
-template <>
-struct DevElem<TveDType::F32> {
-  using T = float;
-  using Acc = float;
-  static __device__ __forceinline__ Acc load(T v) { return v; }
-  static __device__ __forceinline__ T store(Acc v) { return v; }
-  static __device__ __forceinline__ T negate(T v) { return -v; }
-};
-template <>
-struct DevElem<TveDType::F64> {
-  using T = double;
-  using Acc = double;
-  static __device__ __forceinline__ Acc load(T v) { return v; }
-  static __device__ __forceinline__ T store(Acc v) { return v; }
-  static __device__ __forceinline__ T negate(T v) { return -v; }
-};
-template <>
-struct DevElem<TveDType::F16> {
-  using T = unsigned short;
-  using Acc = float;
-  static __device__ __forceinline__ Acc load(T v) { return __half2float(__ushort_as_half(v)); }
-  static __device__ __forceinline__ T store(Acc v) { return __half_as_ushort(__float2half_rn(v)); }
-  static __device__ __forceinline__ T negate(T v) { return v ^ 0x8000u; }
-};
-template <>
-struct DevElem<TveDType::BF16> {
-  using T = unsigned short;
-  using Acc = float;
-  static __device__ __forceinline__ Acc load(T v) {
-    return __bfloat162float(__ushort_as_bfloat16(v));
-  }
-  static __device__ __forceinline__ T store(Acc v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
-  static __device__ __forceinline__ T negate(T v) { return v ^ 0x8000u; }
-};
 
 template <class Acc>
 __device__ __forceinline__ Acc warp_sum(Acc v) {
@@ -87,11 +45,11 @@ __device__ __forceinline__ WorkUnit work_unit(const TveShape& s) {
 }
 
 // partials[w] = sum over work unit w of (p - t)^2.
-template <TveDType D>
+template <DType D>
 __global__ void __launch_bounds__(kThreads)
     sq_sum_partials_kernel(TveShape s, TveOperand p, TveOperand t,
-                           typename DevElem<D>::Acc* __restrict__ partials) {
-  using E = DevElem<D>;
+                           typename Elem<D>::Acc* __restrict__ partials) {
+  using E = Elem<D>;
   using T = typename E::T;
   using Acc = typename E::Acc;
   const WorkUnit u = work_unit(s);
@@ -140,13 +98,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // grad_p[item, i] = round((p - t) * 2 coef[item]); grad_t = -grad_p when WithTarget.
-template <TveDType D, bool WithTarget>
+template <DType D, bool WithTarget>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(TveShape s, TveOperand p, TveOperand t,
-                    const typename DevElem<D>::Acc* __restrict__ coef,
-                    typename DevElem<D>::T* __restrict__ grad_p,
-                    typename DevElem<D>::T* __restrict__ grad_t) {
-  using E = DevElem<D>;
+                    const typename Elem<D>::Acc* __restrict__ coef,
+                    typename Elem<D>::T* __restrict__ grad_p,
+                    typename Elem<D>::T* __restrict__ grad_t) {
+  using E = Elem<D>;
   using T = typename E::T;
   using Acc = typename E::Acc;
   const WorkUnit u = work_unit(s);
@@ -166,10 +124,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <TveDType D>
+template <DType D>
 void launch_forward(const TveShape& s, const TveOperand& p, const TveOperand& t, void* partials,
                     void* out, cudaStream_t stream) {
-  using Acc = typename DevElem<D>::Acc;
+  using Acc = typename Elem<D>::Acc;
   const int64_t n_items = s.groups * s.items;
   sq_sum_partials_kernel<D><<<static_cast<unsigned>(n_items * s.n_chunks), kThreads, 0, stream>>>(
       s, p, t, static_cast<Acc*>(partials));
@@ -178,10 +136,10 @@ void launch_forward(const TveShape& s, const TveOperand& p, const TveOperand& t,
       static_cast<const Acc*>(partials), static_cast<Acc*>(out), n_items, s.n_chunks);
 }
 
-template <TveDType D>
+template <DType D>
 void launch_backward(const TveShape& s, const TveOperand& p, const TveOperand& t,
                      const void* coef, void* grad_p, void* grad_t, cudaStream_t stream) {
-  using E = DevElem<D>;
+  using E = Elem<D>;
   const unsigned blocks = static_cast<unsigned>(s.groups * s.items * s.n_chunks);
   const auto* c = static_cast<const typename E::Acc*>(coef);
   auto* gp = static_cast<typename E::T*>(grad_p);
@@ -195,34 +153,23 @@ void launch_backward(const TveShape& s, const TveOperand& p, const TveOperand& t
 
 }  // namespace
 
-void tve_item_sq_sum_cuda(TveDType dtype, const TveShape& shape, const TveOperand& pred,
+void tve_item_sq_sum_cuda(DType dtype, const TveShape& shape, const TveOperand& pred,
                           const TveOperand& target, void* partials, void* out, void* stream) {
   if (shape.groups * shape.items * shape.numel == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case TveDType::F32: return launch_forward<TveDType::F32>(shape, pred, target, partials, out, s);
-    case TveDType::F16: return launch_forward<TveDType::F16>(shape, pred, target, partials, out, s);
-    case TveDType::BF16:
-      return launch_forward<TveDType::BF16>(shape, pred, target, partials, out, s);
-    case TveDType::F64: return launch_forward<TveDType::F64>(shape, pred, target, partials, out, s);
-  }
+  visit_dtype(dtype, [&](auto d) {
+    launch_forward<decltype(d)::value>(shape, pred, target, partials, out, s);
+  });
 }
 
-void tve_item_sq_sum_backward_cuda(TveDType dtype, const TveShape& shape, const TveOperand& pred,
+void tve_item_sq_sum_backward_cuda(DType dtype, const TveShape& shape, const TveOperand& pred,
                                    const TveOperand& target, const void* coef, void* grad_pred,
                                    void* grad_target, void* stream) {
   if (shape.groups * shape.items * shape.numel == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case TveDType::F32:
-      return launch_backward<TveDType::F32>(shape, pred, target, coef, grad_pred, grad_target, s);
-    case TveDType::F16:
-      return launch_backward<TveDType::F16>(shape, pred, target, coef, grad_pred, grad_target, s);
-    case TveDType::BF16:
-      return launch_backward<TveDType::BF16>(shape, pred, target, coef, grad_pred, grad_target, s);
-    case TveDType::F64:
-      return launch_backward<TveDType::F64>(shape, pred, target, coef, grad_pred, grad_target, s);
-  }
+  visit_dtype(dtype, [&](auto d) {
+    launch_backward<decltype(d)::value>(shape, pred, target, coef, grad_pred, grad_target, s);
+  });
 }
 
 }  // namespace kvpo

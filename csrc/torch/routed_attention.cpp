@@ -8,22 +8,16 @@
 #include <tuple>
 
 #include "kvpo/routed_attention.h"
+#include "tensor_views.h"
 
 namespace kvpo {
 namespace {
 
-ElemType elem_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ElemType::kFloat32;
-    case at::kHalf:
-      return ElemType::kFloat16;
-    case at::kBFloat16:
-      return ElemType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "routed_attention: expected float32, float16 or bfloat16, got ",
-                  t.scalar_type());
-  }
+DType elem_type(const at::Tensor& t) {
+  const DType type = dtype_of(t, "routed_attention");
+  TORCH_CHECK(type != DType::F64, "routed_attention: expected float32, float16 or bfloat16, got ",
+              t.scalar_type());
+  return type;
 }
 
 // Shape of the call, after checking every tensor against q's.

@@ -30,18 +30,16 @@ struct TileOps {
   void (*exp2_minus_row)(float* x, int64_t rows, int64_t lanes, const float* shift);
 
   // dst[i] = scale * float(src[i]) for i < n; dst[i] = 0 for n <= i < padded
-  void (*load_row)(ElemType type, const void* src, int64_t n, int64_t padded, float scale,
+  void (*load_row)(DType type, const void* src, int64_t n, int64_t padded, float scale,
                    float* dst);
 
   // dst[i] = type(scale * src[i]) for i < n (round to nearest even)
-  void (*store_row)(ElemType type, const float* src, int64_t n, float scale, void* dst);
+  void (*store_row)(DType type, const float* src, int64_t n, float scale, void* dst);
 
   const char* name;
 };
 
 // AVX-512 when the CPU has it (and $KVPO_CPU_ISA is not "generic"), else portable C++.
 const TileOps& tile_ops();
-
-inline int64_t element_size(ElemType type) { return type == ElemType::kFloat32 ? 4 : 2; }
 
 }  // namespace kvpo

@@ -9,10 +9,9 @@
 #include <cstdint>
 
 #include "kvpo/common.h"
+#include "kvpo/dtype.h"
 
 namespace kvpo {
-
-enum class ElemType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 struct RoutedAttentionShape {
   int64_t batch;     // B
@@ -72,12 +71,12 @@ struct RoutedAttentionBackwardArgs {
 };
 
 // OpenMP CPU kernels: blocked online softmax, pages read in place through the page table,
-// fp32 accumulation for fp32, fp16 and bf16 inputs.
-void routed_attention_forward_cpu(const RoutedAttentionShape& shape, ElemType type,
+// fp32 accumulation; `type` is F32, F16 or BF16.
+void routed_attention_forward_cpu(const RoutedAttentionShape& shape, DType type,
                                   const PagedContext& ctx, const RoutedAttentionForwardArgs& args,
                                   float scale);
 
-void routed_attention_backward_cpu(const RoutedAttentionShape& shape, ElemType type,
+void routed_attention_backward_cpu(const RoutedAttentionShape& shape, DType type,
                                    const PagedContext& ctx, const RoutedAttentionBackwardArgs& args,
                                    float scale);
 

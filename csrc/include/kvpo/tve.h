@@ -15,10 +15,9 @@
 #include <cstdint>
 
 #include "kvpo/common.h"
+#include "kvpo/dtype.h"
 
 namespace kvpo {
-
-enum class TveDType : int32_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 
 struct TveOperand {
   const void* data;    // element (0, 0, 0, 0, 0)
@@ -64,19 +63,19 @@ KVPO_HD bool tve_item_contiguous(const TveOperand& x, const TveShape& s) {
 
 // Stage 1 + 2 of the forward on the CPU (OpenMP). partials: [G * K * n_chunks] Acc workspace,
 // out: [G, K] Acc.
-void tve_item_sq_sum_cpu(TveDType dtype, const TveShape& shape, const TveOperand& pred,
+void tve_item_sq_sum_cpu(DType dtype, const TveShape& shape, const TveOperand& pred,
                          const TveOperand& target, void* partials, void* out);
 
 // Backward on the CPU. coef: [G, K] Acc contiguous; grad_target may be null.
-void tve_item_sq_sum_backward_cpu(TveDType dtype, const TveShape& shape, const TveOperand& pred,
+void tve_item_sq_sum_backward_cpu(DType dtype, const TveShape& shape, const TveOperand& pred,
                                   const TveOperand& target, const void* coef, void* grad_pred,
                                   void* grad_target);
 
 #ifdef KVPO_WITH_CUDA
-void tve_item_sq_sum_cuda(TveDType dtype, const TveShape& shape, const TveOperand& pred,
+void tve_item_sq_sum_cuda(DType dtype, const TveShape& shape, const TveOperand& pred,
                           const TveOperand& target, void* partials, void* out, void* stream);
 
-void tve_item_sq_sum_backward_cuda(TveDType dtype, const TveShape& shape, const TveOperand& pred,
+void tve_item_sq_sum_backward_cuda(DType dtype, const TveShape& shape, const TveOperand& pred,
                                    const TveOperand& target, const void* coef, void* grad_pred,
                                    void* grad_target, void* stream);
 #endif

@@ -1,33 +1,26 @@
-// CUDA implementations of the page ops (built only with KVPO_WITH_CUDA).
+// CUDA implementations of the page ops (built only with KVPO_WITH_CUDA); arguments are checked
+// by the prologue shared with the CPU registration (pages_args.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../tensor_views.h"
+#include "../pages_args.h"
 
 namespace kvpo {
 namespace {
 
 void copy_pages_cuda_op(at::Tensor pages, const at::Tensor& src, const at::Tensor& dst) {
-  check_index(src, "src", pages);
-  check_index(dst, "dst", pages);
-  TORCH_CHECK(src.numel() == dst.numel(), "src has ", src.numel(), " ids, dst ", dst.numel());
+  const CopyPagesArgs a = copy_pages_args(pages, src, dst);
   const c10::cuda::CUDAGuard guard(pages.device());
-  copy_pages_cuda(pool_view(pages), src.data_ptr<int32_t>(), dst.data_ptr<int32_t>(), src.numel(),
-                  at::cuda::getCurrentCUDAStream().stream());
+  copy_pages_cuda(a.pool, a.src, a.dst, a.n, at::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void write_pages_cuda_op(at::Tensor kv_pages, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& slots) {
-  const LayerPagesView pool = layer_pages_view(kv_pages);
-  const TokenRows k_rows = token_rows(k, "k", kv_pages);
-  const TokenRows v_rows = token_rows(v, "v", kv_pages);
-  TORCH_CHECK(k.size(0) == v.size(0), "k has ", k.size(0), " rows, v has ", v.size(0));
-  check_slots(slots, k.size(0), kv_pages);
+  const WritePagesArgs a = write_pages_args(kv_pages, k, v, slots);
   const c10::cuda::CUDAGuard guard(kv_pages.device());
-  write_pages_cuda(pool, k_rows, v_rows, slots.data_ptr<int64_t>(), slots.numel(),
-                   at::cuda::getCurrentCUDAStream().stream());
+  write_pages_cuda(a.pool, a.k, a.v, a.slots, a.n, at::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
