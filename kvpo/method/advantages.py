@@ -1,4 +1,4 @@
-"""Group advantages from per-branch rewards (method.md section 4).
+"""Group advantages from per-branch rewards (docs/method.md section 4).
 
 Per reward component ``k`` (rewards ``r: [G]`` of the branches, ``a`` of the unrouted anchor):
 

@@ -1,4 +1,4 @@
-"""The KVPO policy objective on the branch simplex (method.md sections 3 and 4).
+"""The KVPO policy objective on the branch simplex (docs/method.md sections 3 and 4).
 
 A group's ``G`` branches get energies ``E [G]`` (:func:`kvpo_kernels.tve_energy`); the policy is
 the softmax of ``-E / tau`` over the group. With the old policy's energies ``E_old`` (frozen

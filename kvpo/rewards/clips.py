@@ -3,7 +3,7 @@
 Frames here are frames of the decoded video (:meth:`VideoLayout.mapped` converts a layout in
 latent frames).
 
-method.md section 4: the **local** reward scores the chunk the group forked in; the **global**
+docs/method.md section 4: the **local** reward scores the chunk the group forked in; the **global**
 reward scores the whole video as one clip per prompt segment, each with its own prompt (centred
 in its segment, ``clip_len`` frames, or the whole segment when ``clip_len`` is 0), averaged over
 the clips. A clip that spans prompt switches (possible for the local chunk) is scored with its

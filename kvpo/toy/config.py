@@ -3,7 +3,7 @@
 :data:`TOY` is what ``python -m kvpo.toy.pretrain``, ``python -m kvpo.sample`` and the trainer's
 default run read. The method's LongLive values are scaled down for 2 CPU cores:
 
-| quantity | LongLive (method.md) | toy |
+| quantity | LongLive (docs/method.md) | toy |
 | --- | --- | --- |
 | latent frame | 16 x 60 x 104, 1560 tokens | RGB 3 x 32 x 32 in [-1, 1], no VAE; patch 1x4x4: 64 |
 | model | Wan2.1-1.3B, 30 layers, 12 x 128 | 4 layers, 3 heads x 32 (dim 96), FFN 192, text_dim 32 |
