@@ -1,7 +1,7 @@
 """Causal History Routing (CHR): which cached frames each branch of a group attends to.
 
-The rule of docs/method.md section 2. A video of ``total_frames`` latent frames is generated in blocks
-of ``num_frame_per_block`` frames and laid out in streaming chunks (the first chunk
+The rule of docs/method.md section 2. A video of ``total_frames`` latent frames is generated in
+blocks of ``num_frame_per_block`` frames and laid out in streaming chunks (the first chunk
 ``chunk_size`` frames, then ``min_new_frame`` frames each). Inside a perturbed window of
 ``P = perturb_num_blocks`` consecutive blocks, branch ``g`` attends to
 
