@@ -7,7 +7,6 @@ import yaml
 
 from kvpo.training.config import ConfigError, TrainConfig
 from kvpo.training.config_parse import all_keys, help_text, load_config
-from kvpo.training.prompts import load_prompt_file
 from kvpo.training.validation import validate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -118,29 +117,3 @@ def test_validate_routing_that_cannot_fit():
     assert "switch_frame_indices [40] must be increasing block starts" in _problems(
         None, ["switch_frame_indices=40"]
     )
-
-
-@pytest.mark.parametrize(
-    ("name", "text", "message"),
-    [
-        ("p.csv", "a,b\n", "expected one of ('.txt', '.jsonl')"),
-        ("p.jsonl", '{"prompts": ["a"]}\nnot json\n', "p.jsonl:2: not a JSON object"),
-        ("p.jsonl", '{"prompt": ["a"]}\n', 'expected an object with a "prompts" list'),
-        ("p.jsonl", '{"prompts": "a"}\n', '"prompts" must be a list of strings'),
-        ("p.txt", "a | | b\n", "p.txt:1: empty prompt segment"),
-        ("p.txt", "a | b | c | d\n", "4 segments, but the video has only 3"),
-        ("p.txt", "# only a comment\n", "holds no prompts"),
-    ],
-)
-def test_prompt_file_format_errors(tmp_path, name, text, message):
-    (tmp_path / name).write_text(text)
-    assert message in _problems(tmp_path, [f"data_path={tmp_path / name}"])
-
-
-def test_prompt_files_read(tmp_path):
-    (tmp_path / "p.txt").write_text("# comment\na red circle moves left | a blue circle moves up\n")
-    (tmp_path / "p.jsonl").write_text('{"prompts": ["a red circle moves left"]}\n')
-    assert load_prompt_file(tmp_path / "p.txt") == [
-        ["a red circle moves left", "a blue circle moves up"]
-    ]
-    assert load_prompt_file(tmp_path / "p.jsonl") == [["a red circle moves left"]]
