@@ -38,7 +38,7 @@ from kvpo.streaming import group_seed
 from kvpo.training.config_parse import load_config
 from kvpo.training.distributed import DistInfo
 from kvpo.training.learner import PHASES, Learner
-from kvpo.training.metrics import PhaseTimer
+from kvpo.training.phases import PhaseTimer
 from kvpo.training.trainer import build_learner
 
 SUITE = "train_step"

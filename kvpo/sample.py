@@ -6,8 +6,8 @@ noise comes from its seed alone.
 
 Each ``--prompt`` is one segment of the video, in order (a prompt may also hold several
 ``", then "`` clauses); the segments switch at block boundaries with a KV recache. Writes, per
-sample, ``<name>.gif`` (Pillow) and ``<name>.mp4`` (when ``imageio`` with ``imageio-ffmpeg`` is
-installed), one ``contact_sheet.png`` (a row of frames per sample), and prints the rewards
+sample, ``<name>.gif`` and ``<name>.mp4`` (H.264, through imageio-ffmpeg), one
+``contact_sheet.png`` (a row of frames per sample), and prints the rewards
 (text alignment per segment, motion quality, visual quality; see :mod:`kvpo.toy.rewards`).
 
 Examples::
@@ -23,11 +23,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from kvpo.models.sampler import FlowSchedule
+from kvpo.outputs.media import contact_sheet, to_uint8, write_video
 from kvpo.rewards.clips import VideoLayout
 from kvpo.rewards.registry import build_reward, score
 from kvpo.streaming import StreamingGenerator
@@ -35,40 +34,6 @@ from kvpo.toy.model import ToyModel, load_toy_model
 from kvpo.toy.prompts import heldout_prompts, parse_prompt, segment_text, story_text
 from kvpo.toy.world import segment_starts
 from kvpo.video_model import toy_video_model
-
-
-def to_uint8(video: torch.Tensor, scale: int) -> np.ndarray:
-    """[T, 3, H, W] in [0, 1] -> [T, H * scale, W * scale, 3] uint8 (nearest upscaling)."""
-    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return frames.repeat(scale, axis=1).repeat(scale, axis=2)
-
-
-def write_gif(frames: np.ndarray, path: Path, fps: float) -> None:
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-
-
-def write_mp4(frames: np.ndarray, path: Path, fps: float) -> bool:
-    """Write an H.264 MP4 when imageio and imageio-ffmpeg are installed; False otherwise."""
-    try:
-        import imageio.v2 as imageio
-        import imageio_ffmpeg  # noqa: F401 (the encoder backend imageio needs)
-    except ImportError:
-        return False
-    even = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
-    imageio.mimwrite(path, list(even), fps=fps, macro_block_size=1)
-    return True
-
-
-def contact_sheet(videos: list[np.ndarray], gap: int = 2) -> Image.Image:
-    """One row of frames per video, separated by ``gap`` grey pixels."""
-    t, h, w, _ = videos[0].shape
-    sheet = np.full((len(videos) * (h + gap) + gap, t * (w + gap) + gap, 3), 96, dtype=np.uint8)
-    for r, frames in enumerate(videos):
-        for c, frame in enumerate(frames):
-            y, x = gap + r * (h + gap), gap + c * (w + gap)
-            sheet[y : y + h, x : x + w] = frame
-    return Image.fromarray(sheet)
 
 
 def toy_stream(model: ToyModel, layout: VideoLayout, rows: int) -> StreamingGenerator:
@@ -175,11 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, seed in enumerate(seeds):
         frames = to_uint8(videos[i], args.scale)
         sheets.append(frames)
-        stem = out / f"{args.name}_{seed}"
-        write_gif(frames, stem.with_suffix(".gif"), args.fps)
-        files = [stem.with_suffix(".gif").name]
-        if write_mp4(frames, stem.with_suffix(".mp4"), args.fps):
-            files.append(stem.with_suffix(".mp4").name)
+        files = [p.name for p in write_video(frames, out / f"{args.name}_{seed}", args.fps)]
         segs = ", ".join(f"{v:.3f}" for v in per_segment[i].tolist())
         print(
             f"seed {seed}: "

@@ -6,7 +6,7 @@ A checkpoint is a directory ``<run>/checkpoints/step-000123/`` with two files:
   ``old.*``, the EMA ``ema.*``, the optimizer's tensor state ``optim.<param>.<name>`` and the
   torch RNG states ``rng.*`` (uint8).
 - ``state.json``: the step, the optimizer's param groups and scalar state, the LR scheduler,
-  Python's and NumPy's RNG states and a free-form ``extra`` dict (counters, metric history).
+  Python's and NumPy's RNG states and a free-form ``extra`` dict (the step counters).
 
 It is written into a temporary sibling directory, flushed, and renamed into place; then the
 ``latest`` file is replaced (also write-then-rename). A crash leaves either the previous or the

@@ -216,10 +216,17 @@ class TrainConfig:
     log_interval: int = _f(1, "write metrics every N steps")
     save_interval_steps: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     sample_interval_steps: int = _f(
-        25, "write the group's videos as a GIF every N steps (0 = never)"
+        25,
+        "every N steps write the group's videos (GIF + MP4, branches side by side) and a "
+        "branch-grid PNG of the fork window (0 = never)",
     )
-    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)")
-    show_progress: bool = _f(True, "tqdm progress bars")
+    tensorboard: bool = _f(False, "also log to TensorBoard (pip install tensorboard)")
+    wandb: bool = _f(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE applies)")
+    wandb_project: str = _f("kvpo", "W&B project of the run (its name is run_name)")
+    show_progress: bool = _f(
+        True, "progress: a bar on a terminal, else one line every progress_interval steps"
+    )
+    progress_interval: int = _f(10, "steps between progress lines when stdout is not a terminal")
 
     @property
     def resident_frames(self) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,8 +48,8 @@ from kvpo.rewards.clips import clip_for, global_clips, score_clips
 from kvpo.streaming import group_seed, stream_from_config
 from kvpo.training.config import TrainConfig
 from kvpo.training.distributed import DistInfo, any_rank, average_gradients, broadcast_parameters
-from kvpo.training.metrics import PhaseTimer
 from kvpo.training.optim import EMA, build_optimizer, grad_norm
+from kvpo.training.phases import PhaseTimer
 from kvpo.training.prompts import PromptSource
 from kvpo.video_model import VideoModel
 
@@ -82,7 +82,6 @@ class Counters:
     since_sync: int = 0
     consecutive_skips: int = 0
     skipped: int = 0
-    history: list = field(default_factory=list)  # [step, mean branch reward, anchor reward]
 
 
 @dataclass
@@ -125,7 +124,6 @@ class Learner:
         self.video_layout = self.stream.layout.mapped(model.video_frame)  # decoded frames
         self.counters = Counters()
         self.last_videos: torch.Tensor | None = None  # [G + 1, T, 3, H, W] of the last rollout
-        self.last_rewards: dict | None = None  # the last step's rewards and advantages
 
     # ------------------------------------------------------------------ setup
     def _setup_adapters(self) -> None:
@@ -287,7 +285,6 @@ class Learner:
             self.cache.free([ro.snapshot])
             raise
         record = self._reward_metrics(local, global_, adv, ro)
-        self.last_rewards = {"local": local, "global": global_, "advantages": adv.final}
         return GroupData(ro, prompts, adv.final.to(self.device), safe, e_old, e_ref, record)
 
     def objective(self, energy, data: GroupData) -> policy.PolicyLoss:

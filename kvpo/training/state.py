@@ -1,7 +1,7 @@
 """A trainer's resumable state <-> :class:`~kvpo.training.checkpoint.TrainingState`.
 
 Saved: the policy adapter (``"default"``), the old-policy adapter (``"old"``), the EMA, AdamW and
-the LR schedule, the step counters and reward history, and rank 0's global RNG states. Every
+the LR schedule, the step counters, and rank 0's global RNG states. Every
 random draw of a step (routing plan, prompts, noise) is seeded by ``(seed, step, rank)``, so a
 resumed run repeats the uninterrupted one bit for bit.
 """
@@ -56,5 +56,6 @@ def load_state(trainer, path: str | Path) -> None:
     trainer.optimizer.load_state_dict(state.optimizer)
     trainer.scheduler.load_state_dict(state.scheduler)
     for key, value in state.extra["counters"].items():
-        setattr(trainer.counters, key, value)
+        if hasattr(trainer.counters, key):  # earlier checkpoints also held a reward history
+            setattr(trainer.counters, key, value)
     restore_rng(state.rng)

@@ -13,7 +13,8 @@ prompt sequences; default: ``data_path`` / the toy's) are constructor arguments.
 
 A run directory (``output_dir/run_name``) receives ``config.yaml`` (the resolved config),
 ``metrics.jsonl``, ``checkpoints/``, ``adapter/`` (peft format), ``eval_<tag>.json``,
-``summary.json``, the plots and ``samples/``.
+``summary.json``, ``reward_curve.png``, ``training_curves.png`` and ``samples/`` (GIF + MP4 of
+each sampled group, a branch-grid PNG of its fork window).
 """
 
 from __future__ import annotations
@@ -24,22 +25,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from kvpo.outputs.loggers import MetricsLogger, read_metrics
+from kvpo.outputs.media import branch_grid, branch_labels, side_by_side, write_video
+from kvpo.outputs.plots import write_reward_curve, write_training_curves
+from kvpo.outputs.progress import Progress
 from kvpo.rewards.registry import resolve_reward
 from kvpo.training.checkpoint import capture_rng, export_adapter, resolve_checkpoint
 from kvpo.training.config import TrainConfig
 from kvpo.training.distributed import DistInfo, barrier, gather_objects, init_distributed, rank_seed
 from kvpo.training.heldout import evaluate
 from kvpo.training.learner import PHASES, Learner, SkippedStep
-from kvpo.training.metrics import (
-    MetricsLogger,
-    PhaseTimer,
-    peak_memory_bytes,
-    write_curve_png,
-    write_video_grid_gif,
-)
 from kvpo.training.paired_stats import format_summary, paired_summary
+from kvpo.training.phases import PhaseTimer, peak_memory_bytes
 from kvpo.training.prompts import PromptSource, prompt_source
 from kvpo.training.state import load_state, save_state
 from kvpo.training.validation import validate
@@ -122,14 +120,19 @@ class KVPOTrainer:
         barrier(self.info)
         torch.manual_seed(rank_seed(cfg.seed, self.info.rank, stream=7))
         self.learner = build_learner(cfg, self.info, model=model, reward=reward, prompts=prompts)
-        self.logger = MetricsLogger(self.run_dir, enabled=self.main, tensorboard=cfg.tensorboard)
-        self.bars = cfg.show_progress and self.main
+        self.logger = MetricsLogger(
+            self.run_dir, enabled=self.main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+            wandb_project=cfg.wandb_project, wandb_name=self.run_dir.name, config=cfg.to_dict(),
+        )  # fmt: skip
+        self.progress: Progress | None = None
         if resume is not None:
             load_state(self.learner, resume)
 
     def log(self, message: str) -> None:
-        if self.main:
-            tqdm.write(message)
+        if self.progress is not None:
+            self.progress.write(message)
+        elif self.main:
+            print(message, flush=True)
 
     # ------------------------------------------------------------------ the run
     def train(self) -> dict | None:
@@ -167,58 +170,75 @@ class KVPOTrainer:
         """The step loop from the current step to ``max_train_steps``."""
         cfg, learner = self.cfg, self.learner
         counters = learner.counters
-        bar = tqdm(total=cfg.max_train_steps, initial=counters.step, desc="KVPO",
-                   unit="step", disable=not self.bars)  # fmt: skip
-        for step in range(counters.step, cfg.max_train_steps):
-            phases = tqdm(total=len(PHASES), desc=f"step {step}", leave=False,
-                          disable=not self.bars)  # fmt: skip
-            timer = PhaseTimer(self.info.device, phases)
-            try:
-                record = learner.train_step(step, timer)
-                counters.consecutive_skips = 0
-            except SkippedStep as err:
-                record = {"skipped": str(err)}
-                counters.skipped += 1
-                counters.consecutive_skips += 1
-                self.log(f"step {step} skipped: {err}")
-                if counters.consecutive_skips >= cfg.max_consecutive_skips:
-                    raise RuntimeError(
-                        f"{counters.consecutive_skips} consecutive steps skipped (last: {err}); "
-                        "stopping. Lower lr, check the reward model, or raise "
-                        "max_consecutive_skips."
-                    ) from err
-            finally:
-                phases.close()
-            counters.step = step + 1
-            record["time"] = dict(timer.seconds)
-            record["peak_memory_bytes"] = peak_memory_bytes(self.info.device)
-            self._after_step(step, record, bar)
-        bar.close()
+        self.progress = Progress(
+            cfg.max_train_steps, initial=counters.step, every=cfg.progress_interval,
+            enabled=self.main and cfg.show_progress,
+        )  # fmt: skip
+        try:
+            for step in range(counters.step, cfg.max_train_steps):
+                with self.progress.phases(PHASES, f"step {step}") as bar:
+                    record = self._step(step, PhaseTimer(self.info.device, bar))
+                self._after_step(step, record)
+        finally:
+            self.progress.close()
+            self.progress = None
 
-    def _after_step(self, step: int, record: dict, bar) -> None:
-        cfg, learner = self.cfg, self.learner
+    def _step(self, step: int, timer: PhaseTimer) -> dict:
+        cfg, counters = self.cfg, self.learner.counters
+        try:
+            record = self.learner.train_step(step, timer)
+            counters.consecutive_skips = 0
+        except SkippedStep as err:
+            record = {"skipped": str(err)}
+            counters.skipped += 1
+            counters.consecutive_skips += 1
+            self.log(f"step {step} skipped: {err}")
+            if counters.consecutive_skips >= cfg.max_consecutive_skips:
+                raise RuntimeError(
+                    f"{counters.consecutive_skips} consecutive steps skipped (last: {err}); "
+                    "stopping. Lower lr, check the reward model, or raise max_consecutive_skips."
+                ) from err
+        counters.step = step + 1
+        record["time"] = dict(timer.seconds)
+        record["peak_memory_bytes"] = peak_memory_bytes(self.info.device)
+        return record
+
+    def _after_step(self, step: int, record: dict) -> None:
+        cfg = self.cfg
         signal = "reward_global" if cfg.train_global else "reward_local"
-        rewards = gather_objects(
-            (record.get(f"{signal}/total_mean"), record.get(f"{signal}/total_anchor")), self.info
-        )
-        done = [r for r in rewards if r[0] is not None]
-        if done:
-            branch = sum(r[0] for r in done) / len(done)
-            anchor = sum(r[1] for r in done) / len(done)
-            learner.counters.history.append([step, branch, anchor])
-            bar.set_postfix(reward=f"{branch:.3f}", loss=f"{record.get('loss', float('nan')):.3g}")
+        done = [r for r in gather_objects(record.get(f"{signal}/total_mean"), self.info) if r]
+        branch = sum(done) / len(done) if done else None  # mean over ranks, for the progress
         if (step + 1) % cfg.log_interval == 0 or "skipped" in record:
             self.logger.log(step, record)
-        bar.update(1)
-        if cfg.sample_interval_steps and (step + 1) % cfg.sample_interval_steps == 0 and self.main:
-            write_video_grid_gif(
-                self.run_dir / "samples" / f"step{step + 1:05d}.gif", learner.last_videos
-            )
+        self.progress.update(step + 1, reward=branch, loss=record.get("loss"))
+        every = cfg.sample_interval_steps
+        if every and (step + 1) % every == 0 and self.main and "skipped" not in record:
+            self.write_samples(step + 1, record)
         if cfg.eval_interval_steps and (step + 1) % cfg.eval_interval_steps == 0:
             scores = self.evaluate(f"step{step + 1:05d}")
-            self.logger.log(step, {"eval": {k: sum(v) / len(v) for k, v in scores.items()}})
+            means = {k: sum(v) / len(v) for k, v in scores.items()}
+            means["total"] = sum(w * means[k] for k, w in cfg.reward_weights.items())
+            self.logger.log(step, {"eval": means})
         if cfg.save_interval_steps and (step + 1) % cfg.save_interval_steps == 0:
             self.save()
+
+    def write_samples(self, step: int, record: dict) -> None:
+        """``samples/stepNNNNN.{gif,mp4}`` (the group's videos side by side, anchor last) and
+        ``samples/stepNNNNN_branches.png`` (one labelled row per branch over the fork window)."""
+        cfg, learner = self.cfg, self.learner
+        videos, stem = learner.last_videos, self.run_dir / "samples" / f"step{step:05d}"
+        write_video(side_by_side(videos, scale=4), stem, fps=8)
+        signal = "reward_local" if cfg.train_local else "reward_global"
+        weights = cfg.reward_weights
+        branches = [
+            sum(w * record[f"{signal}/{c}/branches"][g] for c, w in weights.items())
+            for g in range(cfg.K)
+        ]
+        anchor = sum(w * record[f"{signal}/{c}/anchor"] for c, w in weights.items())
+        labels = branch_labels(branches, anchor, record["advantage/final"])
+        frame, start = learner.video_model.video_frame, record["routing/start_frame"]
+        window = range(frame(start), frame(start + learner.geometry.window_frames))
+        branch_grid(videos, labels, window).save(stem.with_name(stem.name + "_branches.png"))
 
     def save(self) -> None:
         """Checkpoint (rank 0 writes) and export the adapter in peft format."""
@@ -230,11 +250,13 @@ class KVPOTrainer:
     def finish(self, before, after) -> dict | None:
         """Plots, the paired before/after table and ``summary.json`` (rank 0)."""
         cfg, counters = self.cfg, self.learner.counters
+        self.logger.close()
         if not self.main:
             return None
-        curve = {"branches (mean)": [(h[0], h[1]) for h in counters.history],
-                 "anchor": [(h[0], h[2]) for h in counters.history]}  # fmt: skip
-        write_curve_png(self.run_dir / "reward_curve.png", curve, "training reward (total)")
+        records = read_metrics(self.run_dir / "metrics.jsonl")
+        if records:
+            write_reward_curve(records, self.run_dir / "reward_curve.png")
+            write_training_curves(records, self.run_dir / "training_curves.png")
         summary = {"steps": counters.step, "skipped": counters.skipped}
         if before is not None and after is not None:
             stats = paired_summary(before, after, cfg.reward_weights)

@@ -53,6 +53,7 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
     need(cfg.row_micro_batch >= 0, f"row_micro_batch must be >= 0, got {cfg.row_micro_batch}")
+    need(cfg.progress_interval >= 1, f"progress_interval must be >= 1, got {cfg.progress_interval}")
     need(cfg.train_local or cfg.train_global, "train_local and train_global are both false")
     steps = cfg.denoising_step_list
     need(
@@ -142,8 +143,9 @@ def _files(cfg: TrainConfig, resume: str | None) -> list[str]:
             resolve_checkpoint(resume)
         except FileNotFoundError as err:
             problems.append(f"--resume: {err}")
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        problems.append("tensorboard=true but the tensorboard package is not installed")
+    for key in ("tensorboard", "wandb"):
+        if getattr(cfg, key) and importlib.util.find_spec(key) is None:
+            problems.append(f"{key}=true but the {key} package is not installed: pip install {key}")
     return problems
 
 

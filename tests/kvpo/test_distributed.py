@@ -119,7 +119,7 @@ def test_kvpo_step_two_ranks_equals_one_process_two_groups(tmp_path):
     """Two gloo processes: a plain MLP's averaged updates equal one process on both groups'
     mean loss; one KVPO step with a group per rank == one process accumulating both groups'
     gradients (rank 0's and rank 1's prompts, plans and noise), averaged, then one update."""
-    from kvpo.training.metrics import PhaseTimer
+    from kvpo.training.phases import PhaseTimer
     from tests.kvpo.trainer_fixtures import tiny_generator_dir
 
     weights = tiny_generator_dir(tmp_path / "weights")

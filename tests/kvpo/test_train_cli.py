@@ -78,7 +78,11 @@ def test_end_to_end(weights, tmp_path, capsys):
     assert len(records[0]["reward_local/text_alignment/branches"]) == 3
     summary = json.loads((run / "summary.json").read_text())
     assert [s["name"] for s in summary["heldout"]][-1] == "total" and summary["steps"] == 3
-    assert Image.open(run / "reward_curve.png").size == (720, 400)
+    for plot in ("reward_curve.png", "training_curves.png"):
+        assert min(Image.open(run / plot).size) > 300, plot
+    assert (run / "samples" / "step00003.mp4").stat().st_size > 0
+    grid = Image.open(run / "samples" / "step00003_branches.png")
+    assert grid.size[1] > 4 * 16 * 4  # G + 1 = 4 rows of 16-pixel frames at scale 4
     gif = Image.open(run / "samples" / "step00003.gif")
     assert gif.n_frames == 12
     # the exported adapter loads with peft and holds the trained weights

@@ -10,7 +10,7 @@ from kvpo import KVPOTrainer
 from kvpo.method.policy import policy_loss
 from kvpo.streaming import heldout_seed
 from kvpo.training.distributed import DistInfo
-from kvpo.training.metrics import PhaseTimer
+from kvpo.training.phases import PhaseTimer
 from kvpo.training.trainer import build_learner
 from tests.kvpo.trainer_fixtures import tiny_args, tiny_config, tiny_generator_dir
 
