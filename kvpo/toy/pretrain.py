@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from kvpo.models.frame_cache import CachePolicy
+from kvpo.outputs.progress import Progress
 from kvpo.toy.config import TOY
 from kvpo.toy.model import WEIGHTS_DIR, ToyModel, save_toy_model
 from kvpo.toy.prompts import parse_prompt, segment_text
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         step, elapsed = ckpt["step"], ckpt["elapsed"]
         print(f"resuming from {ckpt_path} at step {step}")
     log = (run / "log.jsonl").open("a")
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step")
+    bar = Progress(total, initial=step, every=50, desc="pretrain")
     model.train()
     while step < total:
         t0 = time.perf_counter()
@@ -239,8 +239,7 @@ def main(argv: list[str] | None = None) -> None:
             + "\n"
         )
         log.flush()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.update(1)
+        bar.update(step, loss=loss.item())
         if step % args.save_every == 0 or step in args.steps or step == total:
             torch.save(
                 {
