@@ -9,6 +9,7 @@ for a randomly initialised model of the same shape (seeded) and for the world's 
 the same stories (the ceiling of each reward).
 
     kvpo evaluate                                   # the shipped toy model, 16 x 2 videos
+    kvpo evaluate lora_ckpt=runs/<run>/adapter/adapter_model.safetensors   # a trained adapter
     kvpo evaluate generator_ckpt=my_toy_weights eval_prompts=4 --json scores.json
 """
 
@@ -27,6 +28,7 @@ from kvpo.training.config import ConfigError, TrainConfig
 from kvpo.training.config_parse import load_config
 from kvpo.training.distributed import DistInfo, resolve_device
 from kvpo.training.heldout import evaluate
+from kvpo.training.learner import merge_lora_into_base
 from kvpo.training.prompts import prompt_source
 from kvpo.training.validation import is_toy_dir, validate
 from kvpo.video_model import VideoModel, load_video_model, toy_video_model
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.cpu_threads)
     info = DistInfo(device=resolve_device(cfg.device))
     model = load_video_model(cfg, info.device)
+    if cfg.lora_ckpt is not None:  # as the trainer does: the LoRA becomes part of the weights
+        merge_lora_into_base(model.wan, cfg.lora_ckpt, cfg.lora_ckpt_alpha)
     rows = {"model": model_scores(cfg, model, info)}
     toy = cfg.generator_ckpt is None or is_toy_dir(cfg.generator_ckpt)
     if toy and not args.no_baselines:

@@ -142,3 +142,23 @@ def test_kvpo_command_dispatches_and_translates_overrides(weights, tmp_path, cap
     out = tmp_path / "s"
     assert main(["sample", f"out={out}", "samples=1", "num_blocks=3"]) == 0
     assert (out / "sample_0.gif").is_file()
+
+
+def test_kvpo_evaluate_scores_a_trained_adapter_as_the_trainer_did(weights, tmp_path):
+    """``kvpo evaluate lora_ckpt=<run>/adapter/...`` (the LoRA merged into the weights) gives the
+    run's own evaluation after training (the LoRA applied unmerged) up to fp32 rounding."""
+    from kvpo.evaluate import main as evaluate_main
+    from kvpo.train import main as train_main
+
+    args = tiny_args(weights, tmp_path, "run_name=a", "lr=3e-2", "eval_before=false")
+    assert train_main(args) == 0
+    after = json.loads((tmp_path / "a" / "eval_after.json").read_text())
+    adapter = tmp_path / "a" / "adapter" / "adapter_model.safetensors"
+    out = tmp_path / "adapter_scores.json"
+    assert evaluate_main([*args, f"lora_ckpt={adapter}", "--json", str(out), "--no-baselines"]) == 0
+    merged = json.loads(out.read_text())["model"]
+    for name, values in after.items():
+        assert merged[name] == pytest.approx(values, rel=1e-4, abs=1e-5), name
+    # the adapter moved the weights: without it the scores differ
+    assert evaluate_main([*args, "--json", str(out), "--no-baselines"]) == 0
+    assert json.loads(out.read_text())["model"] != after
