@@ -71,6 +71,12 @@ def group_seed(seed: int, step: int, rank: int) -> int:
     return rank_seed(seed, rank, stream=1_000_000 + step)
 
 
+def branch_seed(noise_seed: int, branch: int) -> int:
+    """Seed of branch ``branch``'s own noise in a group whose shared noise comes from
+    ``noise_seed`` (the exploration baselines, :mod:`kvpo.method.exploration`)."""
+    return rank_seed(noise_seed, branch, stream=2_000_000)
+
+
 def heldout_seed(base_seed: int, prompt_index: int, seed_index: int) -> int:
     """Noise seed of held-out video ``(prompt_index, seed_index)``: the same before and after
     training, on any rank."""
@@ -88,6 +94,10 @@ class StreamingGenerator:
         context_timestep: timestep of the context pass that writes a block's K/V.
         rows: cache rows alive at once (a micro-batch of rows); sizes the page pool.
         backend: kvpo_kernels backend of the cache (None: auto).
+
+    ``context_hook`` (None): when set, wraps every block's denoising view
+    (:data:`kvpo.models.sampler.ContextHook`), e.g. to measure attention; generation is
+    unchanged as long as the hook's context attends as the view does.
     """
 
     def __init__(
@@ -107,6 +117,7 @@ class StreamingGenerator:
         self.context_timestep = float(context_timestep)
         self.sampler = FewStepSampler(schedule, rule=rule)
         self.rows = rows
+        self.context_hook = None
         self.cache = FrameCache.create(
             self.wan.config,
             policy,
@@ -181,11 +192,13 @@ class StreamingGenerator:
         history: torch.Tensor | None = None,
         plans=None,
         record: bool = False,
+        inject=None,
     ) -> Generation:
         """Frames ``[start, end)`` for ``rows`` (holding frames ``< start``), with the prompt in
         force at ``start`` and the switches after it (and at ``start`` when
         ``switch_at_start``: its recache runs first). ``noise`` covers the whole video;
-        ``history``, ``plans``, ``record``: see :func:`kvpo.models.generate`."""
+        ``history``, ``plans``, ``record``: see :func:`kvpo.models.generate`; ``inject``
+        ``{step: [B | 1, C, end - start, H, W]}``: perturbations of the noisy latents."""
         x, xi = noise.frames(start, end)
         return generate(
             self.wan,
@@ -201,6 +214,8 @@ class StreamingGenerator:
             plans=plans,
             record=record,
             context_timestep=self.context_timestep,
+            inject=inject,
+            context_hook=self.context_hook,
         )
 
     def recache(self, rows: Sequence[int], past: torch.Tensor, text: TextContext, frame: int):

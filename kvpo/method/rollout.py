@@ -16,6 +16,10 @@ With the old policy's weights and no gradient:
 
 Rows run in micro-batches of ``row_batch`` (all at once by default); each micro-batch runs from
 the fork to the end and then frees its rows, so private pages never outlive their branch.
+
+Noise-based exploration (:mod:`kvpo.method.exploration`): with ``routed=False`` the branches
+attend to the default view like the anchor, and ``perturb`` gives them their own initial noise
+and/or noise injected before denoising steps in the fork chunk; the anchor stays unperturbed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvpo.method.exploration import BranchNoise
 from kvpo.method.routing import RoutingPlan
 from kvpo.models import TextContext
 from kvpo.streaming import StreamingGenerator, VideoNoise
@@ -68,6 +73,8 @@ def rollout_group(
     policy_frames: int,
     end_frame: int,
     row_batch: int = 0,
+    routed: bool = True,
+    perturb: BranchNoise | None = None,
 ) -> GroupRollout:
     """Roll out one group (see the module docstring).
 
@@ -79,6 +86,9 @@ def rollout_group(
         policy_frames: frames from the fork whose trajectories are recorded (>= the window).
         end_frame: generate up to this frame (the end of the video for the global reward).
         row_batch: rows per micro-batch (0: all ``G + 1``).
+        routed: branches attend to their routed contexts in the window (False: the default
+            view, as the anchor).
+        perturb: the branches' own noise (None: every row uses ``noise``).
     """
     cache = stream.cache
     G, fork, F = len(plan.routed), plan.start_frame, stream.frames_per_block
@@ -97,22 +107,29 @@ def rollout_group(
         rows = cache.fork(snapshot, len(idx))
 
         def plans(frame, idx=idx):
-            if not plan.in_window(frame):
+            if not routed or not plan.in_window(frame):
                 return None
             return [
                 plan.context_frames(g, frame) if g < G else cache.policy.window(frame, F)
                 for g in idx
             ]
 
+        rows_noise, inject = noise, {}
+        if perturb is not None:
+            if perturb.initial is not None:
+                rows_noise = VideoNoise(perturb.row_noise(noise.noise, idx), noise.renoise)
+            inject = {"window": perturb.row_inject(idx, fork, record_end)}
+            inject["rest"] = perturb.row_inject(idx, record_end, end_frame)
         window = stream.generate(
-            rows, texts, noise, fork, record_end, history=prefix, plans=plans, record=True
-        )
+            rows, texts, rows_noise, fork, record_end, history=prefix, plans=plans, record=True,
+            inject=inject.get("window"),
+        )  # fmt: skip
         kv_bytes["window"] = max(kv_bytes.get("window", 0), cache.held_bytes)
         parts = [prefix.expand(len(idx), *prefix.shape[1:]), window.latents]
         if end_frame > record_end:
             rest = stream.generate(
-                rows, texts, noise, record_end, end_frame, switch_at_start=True,
-                history=torch.cat(parts, dim=2),
+                rows, texts, rows_noise, record_end, end_frame, switch_at_start=True,
+                history=torch.cat(parts, dim=2), inject=inject.get("rest"),
             )  # fmt: skip
             parts.append(rest.latents)
         kv_bytes["continuation"] = max(kv_bytes.get("continuation", 0), cache.held_bytes)

@@ -15,11 +15,16 @@ Two update rules between steps ``s`` and ``s + 1``:
 
 After the last step the block's ``x0_hat`` is its output; :func:`generate` then runs the context
 pass (the clean block at ``t = 0``) that writes its K/V into the rows' caches.
+
+Optional, for exploration baselines and measurements (off by default): ``inject`` adds a given
+perturbation to the noisy latent before chosen steps' model calls (the recorded input is the
+perturbed one), and ``context_hook`` wraps the read-only view each block's denoising steps
+attend through (e.g. to observe the attention without changing it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -110,6 +115,7 @@ class FewStepSampler:
         context=None,
         renoise: torch.Tensor | None = None,
         record: bool = False,
+        inject: Mapping[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Trajectory | None]:
         """Sample one block.
 
@@ -118,6 +124,8 @@ class FewStepSampler:
             text, start_frame, context: as for ``CausalWan.forward`` (the context is read only).
             renoise: ``[S - 1, B | 1, C, F, H, W]`` the re-noising noise ``xi_s`` (rule ``"x0"``).
             record: also return the :class:`Trajectory`.
+            inject: ``{step: [B | 1, C, F, H, W]}`` added to the noisy latent before that step's
+                model call (None: nothing added).
 
         Returns:
             ``x0_hat: [B, C, F, H, W]`` (``noise``'s dtype) and the trajectory or None.
@@ -139,6 +147,8 @@ class FewStepSampler:
         x, zs, vs = noise, [], []
         for s in range(steps):
             sigma = float(sigmas[s])
+            if inject is not None and s in inject:
+                x = x + inject[s].to(x.dtype)
             v = model(x, sigma * self.schedule.num_train_timesteps, text, start_frame, context)
             if record:
                 zs.append(x)
@@ -212,6 +222,9 @@ def recache(
 
 
 PlanFn = Callable[[int], "Sequence[Sequence[int]] | None"]
+ContextHook = Callable[..., "object"]
+"""``hook(view, start_frame=, plans=) -> context``: the context a block's denoising steps use
+instead of ``view`` (its rows' read-only view; ``plans`` the rows' routed frames or None)."""
 
 
 def generate(
@@ -230,6 +243,8 @@ def generate(
     record: bool = False,
     row_batch: int | None = None,
     context_timestep: float = 0.0,
+    inject: Mapping[int, torch.Tensor] | None = None,
+    context_hook: ContextHook | None = None,
 ) -> Generation:
     """Generate frames block by block for ``rows`` (all at the same frame), batched over rows.
 
@@ -248,6 +263,9 @@ def generate(
         record: keep each block's :class:`Trajectory`.
         row_batch: process rows in micro-batches of this size (None: all at once).
         context_timestep: timestep of the context pass (0).
+        inject: ``{step: [B | 1, C, F_total, H, W]}`` perturbations added before that step's
+            model call (:meth:`FewStepSampler.denoise_block`), None: none.
+        context_hook: wraps each block's denoising view (:data:`ContextHook`), None: none.
 
     Returns:
         :class:`Generation` with ``latents: [B, C, F_total, H, W]`` in ``noise``'s dtype.
@@ -302,7 +320,14 @@ def generate(
                 else _rows(renoise, sub, batch, dim=1)[:, :, :, lo : lo + block]
             )
             view = cache.view(sub_rows, f0, block, plans=sub_plan)
-            x0, traj = sampler.denoise_block(model, x_noise, sub_text, f0, view, xi, record)
+            if context_hook is not None:
+                view = context_hook(view, start_frame=f0, plans=sub_plan)
+            add = None
+            if inject is not None:
+                add = {s: _rows(e, sub, batch)[:, :, lo : lo + block] for s, e in inject.items()}
+            x0, traj = sampler.denoise_block(
+                model, x_noise, sub_text, f0, view, xi, record, inject=add
+            )
             write = cache.view(sub_rows, f0, block, plans=sub_plan, write=True)
             model.write_context(x0, sub_text, f0, write, timestep=context_timestep)
             pieces.append(x0)

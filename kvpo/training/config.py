@@ -8,7 +8,8 @@ checked by :mod:`kvpo.training.validation`. The flat keys become the typed objec
 uses in one place: :meth:`TrainConfig.cache_policy`, :meth:`~TrainConfig.schedule`,
 :meth:`~TrainConfig.routing_geometry`, :meth:`~TrainConfig.chunks`,
 :meth:`~TrainConfig.policy_config`, :meth:`~TrainConfig.advantage_config`,
-:meth:`~TrainConfig.latent_layout`. Reading files and overrides: :mod:`kvpo.training.config_parse`.
+:meth:`~TrainConfig.exploration_config`, :meth:`~TrainConfig.latent_layout`. Reading files
+and overrides: :mod:`kvpo.training.config_parse`.
 """
 
 from __future__ import annotations
@@ -140,6 +141,24 @@ class TrainConfig:
         "dispersed",
         "'dispersed' (slices of one permutation, reference) or 'independent'",
         choices=("dispersed", "independent"),
+    )
+    exploration: str = _f(
+        "kv_routing",
+        "how branches differ: 'kv_routing' (KVPO), 'noise_injection' (the authors' noise "
+        "baseline), 'initial_noise' (Neighbor GRPO / AR-CoPO) or 'kv_routing+noise' (both); "
+        "docs/study.md",
+        choices=("kv_routing", "noise_injection", "initial_noise", "kv_routing+noise"),
+    )
+    noise_injection_scale: float = _f(
+        0.2,
+        "noise_injection: std of the Gaussian noise each branch adds to its noisy latent before "
+        "the steps noise_inject_at_steps of every fork-chunk block",
+    )
+    noise_inject_at_steps: list[int] = _f(
+        [1, 2, 3], "noise_injection: denoising step indices (0 = the first model call)"
+    )
+    initial_noise_mix: float = _f(
+        0.3, "initial_noise: s of the branch noise sqrt(1 - s^2) eps + s delta_g (fork chunk)"
     )
     row_micro_batch: int = _f(0, "rows (branches + anchor) per forward; 0 = all at once")
     # rewards and advantages
@@ -317,6 +336,22 @@ class TrainConfig:
             global_weight=self.advantage_fusion_global_weight,
             clip=self.adv_clip_max,
         )
+
+    def exploration_config(self):
+        """:class:`~kvpo.method.exploration.ExplorationConfig`; raises :class:`ConfigError`
+        when the exploration keys cannot run."""
+        from kvpo.method.exploration import ExplorationConfig
+
+        config = ExplorationConfig(
+            mode=self.exploration,
+            injection_scale=float(self.noise_injection_scale),
+            inject_at_steps=tuple(int(s) for s in self.noise_inject_at_steps),
+            initial_mix=float(self.initial_noise_mix),
+        )
+        problems = config.problems(len(self.denoising_step_list))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return config
 
     def latent_layout(self):
         """:class:`~kvpo.rewards.clips.VideoLayout` of a training video, in latent frames."""

@@ -33,9 +33,10 @@ import torch
 
 from kvpo.method import policy
 from kvpo.method.advantages import any_branch_beats_anchor, group_advantages
+from kvpo.method.exploration import branch_noise
 from kvpo.method.replay import replay_energies, step_weights
 from kvpo.method.rollout import GroupRollout, rollout_group
-from kvpo.method.routing import plan_routing
+from kvpo.method.routing import RoutingPlan, plan_routing
 from kvpo.models.lora import (
     active_adapter,
     adapters_disabled,
@@ -45,7 +46,7 @@ from kvpo.models.lora import (
     lora_parameters,
 )
 from kvpo.rewards.clips import clip_for, global_clips, score_clips
-from kvpo.streaming import group_seed, stream_from_config
+from kvpo.streaming import branch_seed, group_seed, stream_from_config
 from kvpo.training.config import TrainConfig
 from kvpo.training.distributed import DistInfo, any_rank, average_gradients, broadcast_parameters
 from kvpo.training.optim import EMA, build_optimizer, grad_norm
@@ -117,6 +118,7 @@ class Learner:
         self.reward, self.prompts = reward, prompts
         self.geometry, self.chunks = cfg.routing_geometry(), cfg.chunks()
         self.policy_config, self.advantage_config = cfg.policy_config(), cfg.advantage_config()
+        self.exploration = cfg.exploration_config()  # how branches differ (mutable: kvpo study)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing  # grad-carrying replays
         self._setup_adapters()
         self.stream = stream_from_config(model, cfg, self.rows_per_batch)
@@ -170,21 +172,31 @@ class Learner:
                     p.copy_(saved[k])
 
     # ------------------------------------------------------------------ pieces of a step
-    def rollout(self, step: int, prompts: list[str], rank: int) -> GroupRollout:
-        cfg, G = self.cfg, self.cfg.K
-        plan = plan_routing(
-            self.geometry, self.chunks, G, seed=cfg.seed, step=step, rank=rank,
+    def plan(self, step: int, rank: int) -> RoutingPlan:
+        """The group's routing plan (its start block is the fork frame in every exploration
+        mode; the routed sets are used when :attr:`exploration` routes)."""
+        cfg = self.cfg
+        return plan_routing(
+            self.geometry, self.chunks, cfg.K, seed=cfg.seed, step=step, rank=rank,
             within_first_x_chunks=cfg.perturb_within_first_x_chunks, mode=cfg.routing_mode,
         )  # fmt: skip
-        noise = self.stream.noise(group_seed(cfg.seed, step, rank))
+
+    def rollout(self, step: int, prompts: list[str], rank: int) -> GroupRollout:
+        cfg, G = self.cfg, self.cfg.K
+        plan = self.plan(step, rank)
+        seed = group_seed(cfg.seed, step, rank)
+        noise = self.stream.noise(seed)
         policy_frames = cfg.policy_window_frames or plan.geometry.window_frames
         chunk = self.chunks[plan.chunk_index]
         end = cfg.streaming_max_length if cfg.train_global else max(chunk.end_frame, plan.end_frame)
+        seeds = [branch_seed(seed, g) for g in range(G)]
+        fork = plan.start_frame
+        perturb = branch_noise(self.exploration, noise.noise, seeds, fork, chunk.end_frame)
         with torch.no_grad(), active_adapter(self.model, "old"):
             texts = self.stream.segment_texts(prompts)
             return rollout_group(
                 self.stream, texts, plan, noise, policy_frames=policy_frames, end_frame=end,
-                row_batch=cfg.row_micro_batch,
+                row_batch=cfg.row_micro_batch, routed=self.exploration.routes, perturb=perturb,
             )  # fmt: skip
 
     def rewards(self, ro: GroupRollout, prompts: list[str]):
