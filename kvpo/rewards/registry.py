@@ -21,6 +21,7 @@ model, and :func:`score` validates inputs and outputs.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -41,7 +42,11 @@ class RewardModel(Protocol):
 
 
 _FACTORIES: dict[str, Callable[..., RewardModel]] = {}
-_BUILTIN = {"toy": "kvpo.toy.rewards:ToyReward"}
+_BUILTIN = {
+    "toy": "kvpo.toy.rewards:ToyReward",
+    "motion_smoothness": "kvpo.rewards.motion:MotionSmoothnessReward",
+    "dynamic_degree": "kvpo.rewards.motion:DynamicDegreeReward",
+}
 
 
 def register_reward(
@@ -65,24 +70,30 @@ def available_rewards() -> list[str]:
 
 def build_reward(name: str, **kwargs: Any) -> RewardModel:
     """Construct the reward model registered as ``name`` (built-ins are imported on demand)."""
-    if name not in _FACTORIES and name in _BUILTIN:
-        module, attr = _BUILTIN[name].split(":")
-        _FACTORIES.setdefault(name, getattr(importlib.import_module(module), attr))
-    if name not in _FACTORIES:
+    if name not in _FACTORIES and name not in _BUILTIN:
         raise KeyError(f"no reward named {name!r}; available: {available_rewards()}")
-    return _FACTORIES[name](**kwargs)
+    return _factory(name)(**kwargs)
 
 
-def resolve_reward(spec: str | Callable[..., Mapping[str, torch.Tensor]]):
+def resolve_reward(spec: str | Callable[..., Mapping[str, torch.Tensor]], **options: Any):
     """A reward model from a callable (returned as it is), an import path
-    ``"pkg.module:Factory"`` (the factory is called with no arguments) or a registered name."""
+    ``"pkg.module:Factory"`` or a registered name, the factory called with ``options`` (those
+    whose value is None are left out: the factory's defaults apply).
+
+    ``options`` are the scorer settings a run passes along (``path``, ``batch_size``,
+    ``offload``, ...); a factory that does not take one that is set raises TypeError naming it.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
     if callable(spec):
         return spec
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"reward must be a callable, a registered name or 'pkg.module:Factory', "
                         f"got {spec!r}")  # fmt: skip
     if ":" not in spec:
-        return build_reward(spec)
+        if spec not in _FACTORIES and spec not in _BUILTIN:
+            raise KeyError(f"no reward named {spec!r}; available: {available_rewards()}")
+        _check_options(spec, _factory(spec), options)
+        return build_reward(spec, **options)
     module, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module), attr)
@@ -90,7 +101,53 @@ def resolve_reward(spec: str | Callable[..., Mapping[str, torch.Tensor]]):
         raise ValueError(
             f"reward_model {spec!r}: cannot import {attr!r} from {module!r} ({err})"
         ) from err
-    return factory()
+    _check_options(spec, factory, options)
+    return factory(**options)
+
+
+REWARD_OPTIONS = {  # config key -> scorer option
+    "reward_path": "path",
+    "reward_base_model": "base_model",
+    "reward_batch_size": "batch_size",
+    "reward_offload": "offload",
+}
+
+
+def reward_options(cfg: Any) -> dict[str, Any]:
+    """The scorer options a run's config sets (``reward_path`` -> ``path``, ...): the keys of
+    :data:`REWARD_OPTIONS` that ``cfg`` has with a value other than empty, 0 or False."""
+    out = {}
+    for key, option in REWARD_OPTIONS.items():
+        value = getattr(cfg, key, None)
+        if value not in (None, "", 0, False):
+            out[option] = value
+    return out
+
+
+def _factory(name: str) -> Callable[..., RewardModel]:
+    if name not in _FACTORIES and name in _BUILTIN:
+        module, attr = _BUILTIN[name].split(":")
+        _FACTORIES.setdefault(name, getattr(importlib.import_module(module), attr))
+    return _FACTORIES[name]
+
+
+def _check_options(spec: str, factory: Callable, options: Mapping[str, Any]) -> None:
+    """TypeError naming the options ``factory`` does not accept (none when it takes **kwargs)."""
+    if not options:
+        return
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise TypeError(
+            f"reward {spec!r} does not take the option(s) {unknown} that the run sets; "
+            f"it takes {sorted(accepted)}"
+        )
 
 
 def check_videos(videos: torch.Tensor, prompts: Sequence[str]) -> None:
