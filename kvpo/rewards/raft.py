@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvpo.rewards.checkpoint import check_state, describe, load_tensors
+
 
 @dataclass(frozen=True)
 class RaftSpec:
@@ -302,48 +304,12 @@ def load_raft(path: str | Path, arch: str | None = None, num_flow_updates: int =
     if not path.is_file():
         raise FileNotFoundError(
             f"RAFT weights: expected a file (torchvision's raft_large_C_T_SKHT_V2-ff5fadd5.pth or "
-            f"another raft_large_* / raft_small_* file), found {_found(path)}"
+            f"another raft_large_* / raft_small_* file), found {describe(path)}"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"RAFT weights {path}: expected a state dict of tensors, got {type(state)}"
-        )
+    state = load_tensors(path)
     if arch is None:
         arch = "large" if any(k.startswith("mask_predictor.") for k in state) else "small"
     model = RAFT(arch, num_flow_updates)
     check_state(model.state_dict(), state, f"RAFT ({arch}) weights {path}")
     model.load_state_dict(state)
     return model.eval().requires_grad_(False)
-
-
-def check_state(expected: dict, found: dict, what: str) -> None:
-    """Raise ValueError listing missing, unexpected and mis-shaped keys of ``found``."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if tuple(expected[k].shape) != tuple(found[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = [f"{what} do not match the model ({len(expected)} tensors expected, "
-                 f"{len(found)} found)"]  # fmt: skip
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-            if items:
-                more = f", ... ({len(items)} in all)" if len(items) > 8 else ""
-                shown = ", ".join(items[:8]) + more
-                parts.append(f"{label}: {shown}")
-        raise ValueError("; ".join(parts))
-
-
-def _found(path: Path) -> str:
-    if path.is_dir():
-        names = sorted(p.name for p in path.iterdir())[:10]
-        return f"a directory {path} holding {names}"
-    return f"nothing at {path}"

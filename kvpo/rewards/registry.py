@@ -46,6 +46,11 @@ _BUILTIN = {
     "toy": "kvpo.toy.rewards:ToyReward",
     "motion_smoothness": "kvpo.rewards.motion:MotionSmoothnessReward",
     "dynamic_degree": "kvpo.rewards.motion:DynamicDegreeReward",
+    "videoalign": "kvpo.rewards.videoalign:VideoAlignReward",
+    "videoalign_vq": "kvpo.rewards.videoalign:VideoAlignVQ",
+    "videoalign_mq": "kvpo.rewards.videoalign:VideoAlignMQ",
+    "videoalign_mq_rgb": "kvpo.rewards.videoalign:VideoAlignMQRGB",
+    "videoalign_ta": "kvpo.rewards.videoalign:VideoAlignTA",
 }
 
 

@@ -12,12 +12,18 @@ from kvpo.rewards.raft import RAFT
 from kvpo.rewards.registry import resolve_reward
 from kvpo.training.distributed import DistInfo
 from kvpo.training.trainer import build_learner
+from tests.kvpo.rewards.layouts import write_videoreward
 from tests.kvpo.trainer_fixtures import tiny_config, tiny_generator_dir
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     return tiny_generator_dir(tmp_path_factory.mktemp("tiny_generator"))
+
+
+@pytest.fixture(scope="module")
+def videoreward(tmp_path_factory):
+    return write_videoreward(tmp_path_factory.mktemp("videoalign"))
 
 
 @pytest.fixture(scope="module")
@@ -51,4 +57,11 @@ def run_one_step(weights, tmp_path, reward, component):
 @pytest.mark.parametrize("name", ["motion_smoothness", "dynamic_degree"])
 def test_training_step_with_a_motion_reward(weights, tmp_path, raft_file, name):
     reward = resolve_reward(name, path=str(raft_file), num_flow_updates=1, batch_size=8)
+    run_one_step(weights, tmp_path, reward, name)
+
+
+@pytest.mark.parametrize("name", ["videoalign", "videoalign_mq"])
+def test_training_step_with_videoalign(weights, tmp_path, videoreward, name):
+    ckpt, base, _, _ = videoreward
+    reward = resolve_reward(name, path=str(ckpt), base_model=str(base), batch_size=4)
     run_one_step(weights, tmp_path, reward, name)
