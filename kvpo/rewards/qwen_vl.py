@@ -44,6 +44,19 @@ def require_dir(path: str | Path, what: str, files: Sequence[str]) -> Path:
     return path
 
 
+def base_directory(base_model, named: str | None, what: str, source: str) -> Path:
+    """The base model directory: ``base_model``, else ``named`` (the checkpoint config's
+    ``model_name_or_path``) when that is a local directory; it must hold ``config.json``."""
+    if base_model is None and named and Path(named).is_dir():
+        base_model = named
+    if base_model is None:
+        raise FileNotFoundError(
+            f"{what} needs base_model= the base model directory (config.json, tokenizer files): "
+            f"{source} names {named!r}, not a local directory"
+        )
+    return require_dir(base_model, f"{what} base model", ["config.json"])
+
+
 def load_tokenizer(directory: Path, extra_tokens: Sequence[str] = ()):
     """The tokenizer of ``directory`` (right padding), with ``extra_tokens`` added as special
     tokens in order when it lacks them (the reward models' training code adds them this way)."""
@@ -115,9 +128,13 @@ class QwenBackbone:
         self.pad_id = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def token_id(self, token: str) -> int:
+        """The id of ``token``; ValueError when the tokenizer or the embeddings lack it."""
         ids = self.tokenizer.convert_tokens_to_ids([token])
         if ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no token {token!r}")
+        vocab = self.config.text_config.vocab_size
+        if ids[0] >= vocab:
+            raise ValueError(f"{token} has id {ids[0]}; the checkpoint has {vocab} embeddings")
         return int(ids[0])
 
     @torch.no_grad()

@@ -51,6 +51,7 @@ _BUILTIN = {
     "videoalign_mq": "kvpo.rewards.videoalign:VideoAlignMQ",
     "videoalign_mq_rgb": "kvpo.rewards.videoalign:VideoAlignMQRGB",
     "videoalign_ta": "kvpo.rewards.videoalign:VideoAlignTA",
+    "video_hpsv3": "kvpo.rewards.hpsv3:HPSv3Reward",
 }
 
 

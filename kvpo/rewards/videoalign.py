@@ -42,6 +42,7 @@ from kvpo.rewards.qwen_inputs import grayscale, levels, patchify, resize_levels,
 from kvpo.rewards.qwen_vl import (
     TOKENIZER_FILES,
     QwenBackbone,
+    base_directory,
     build_backbone,
     chat_template,
     load_tokenizer,
@@ -196,14 +197,8 @@ def load_videoalign(
     config = _read_config(root)
     ckpt = _checkpoint_dir(root, step)
     named = config["model_config"].get("model_name_or_path")
-    if base_model is None and named and Path(named).is_dir():
-        base_model = named
-    if base_model is None:
-        raise FileNotFoundError(
-            f"VideoAlign needs base_model= the Qwen2-VL-2B-Instruct directory (config.json, "
-            f"tokenizer files): model_config.json names {named!r}, not a local directory"
-        )
-    base = require_dir(base_model, "VideoAlign base model (Qwen2-VL-2B-Instruct)", ["config.json"])
+    what = "VideoAlign (Qwen2-VL-2B-Instruct)"
+    base = base_directory(base_model, named, what, "model_config.json")
     weights = ckpt / "model.pth"
     if not weights.is_file():
         raise FileNotFoundError(f"VideoAlign weights: expected {weights}, found {describe(ckpt)}")
@@ -229,10 +224,8 @@ def load_videoalign(
     tokenizer = load_tokenizer(tokenizer_dir, REWARD_TOKENS)
     template = chat_template([base, tokenizer_dir], tokenizer)
     model = QwenBackbone(backbone, head.eval().requires_grad_(False), tokenizer, template, offload)
-    vocab = backbone.config.text_config.vocab_size
-    ids = [model.token_id(t) for t in REWARD_TOKENS]
-    if max(ids) >= vocab:
-        raise ValueError(f"reward token ids {ids} lie outside the checkpoint's {vocab} embeddings")
+    for token in REWARD_TOKENS:
+        model.token_id(token)  # raises unless the tokenizer and the embeddings have it
     return model, config
 
 

@@ -61,3 +61,47 @@ def write_videoreward(root: Path):
         torch.save(state, ckpt / f"checkpoint-{step}" / "model.pth")
     (ckpt / "model_config.json").write_text(json.dumps(model_config()))
     return ckpt, base, peft, tokenizer
+
+
+HPSV3_YAML = """# Model Configuration
+rm_head_type: "ranknet"
+lora_enable: False
+vision_lora: False
+model_name_or_path: "Qwen/Qwen2-VL-7B-Instruct"
+lora_namespan_exclude: ['lm_head', 'rm_head', 'embed_tokens']
+max_pixels: 200704 # 256 * 28 * 28
+min_pixels: 200704
+with_instruction: true
+use_special_tokens: true
+reward_token: "special"
+output_dim: 2
+loss_type: "uncertainty"
+bf16: True
+torch_dtype: "bfloat16"
+"""  # the released HPSv3_7B.yaml's model and data keys
+
+
+def ranknet(seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(HIDDEN, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05),
+        torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2),
+    )  # fmt: skip
+
+
+def write_hpsv3(root: Path):
+    """An HPSv3 directory (HPSv3.safetensors in the 4.45 layout, HPSv3_7B.yaml) and its base
+    model under ``root``: returns ``(HPSv3 dir, base dir, model, tokenizer)``."""
+    from safetensors.torch import save_file
+
+    base = root / "Qwen2-VL-7B-Instruct"
+    write_base_model(base)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+    model = tiny_model(base, len(tokenizer), ranknet(5), seed=6)
+    folder = root / "HPSv3"
+    folder.mkdir()
+    state = {k: v.contiguous() for k, v in released_layout(model.state_dict()).items()}
+    save_file(state, str(folder / "HPSv3.safetensors"))
+    (folder / "HPSv3_7B.yaml").write_text(HPSV3_YAML)
+    return folder, base, model, tokenizer

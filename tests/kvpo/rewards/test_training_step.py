@@ -12,7 +12,7 @@ from kvpo.rewards.raft import RAFT
 from kvpo.rewards.registry import resolve_reward
 from kvpo.training.distributed import DistInfo
 from kvpo.training.trainer import build_learner
-from tests.kvpo.rewards.layouts import write_videoreward
+from tests.kvpo.rewards.layouts import write_hpsv3, write_videoreward
 from tests.kvpo.trainer_fixtures import tiny_config, tiny_generator_dir
 
 
@@ -24,6 +24,11 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def videoreward(tmp_path_factory):
     return write_videoreward(tmp_path_factory.mktemp("videoalign"))
+
+
+@pytest.fixture(scope="module")
+def hpsv3(tmp_path_factory):
+    return write_hpsv3(tmp_path_factory.mktemp("hpsv3"))
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +70,9 @@ def test_training_step_with_videoalign(weights, tmp_path, videoreward, name):
     ckpt, base, _, _ = videoreward
     reward = resolve_reward(name, path=str(ckpt), base_model=str(base), batch_size=4)
     run_one_step(weights, tmp_path, reward, name)
+
+
+def test_training_step_with_hpsv3(weights, tmp_path, hpsv3):
+    folder, base, _, _ = hpsv3
+    reward = resolve_reward("video_hpsv3", path=str(folder), base_model=str(base), batch_size=8)
+    run_one_step(weights, tmp_path, reward, "video_hpsv3")

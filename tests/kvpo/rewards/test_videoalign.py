@@ -155,7 +155,9 @@ def test_small_frames_are_resized_and_errors_name_the_layout(released, tmp_path)
 
     with pytest.raises(FileNotFoundError, match=r"expected a directory holding \['model_config"):
         VideoAlignReward(str(base))
-    with pytest.raises(FileNotFoundError, match="needs base_model= the Qwen2-VL-2B-Instruct"):
+    with pytest.raises(
+        FileNotFoundError, match=r"VideoAlign \(Qwen2-VL-2B-Instruct\) needs base_model="
+    ):
         VideoAlignReward(str(ckpt))
     with pytest.raises(FileNotFoundError, match="checkpoint-7/model.pth"):
         VideoAlignReward(str(ckpt), base_model=str(base), step=7)
