@@ -84,7 +84,9 @@ def build_reward(name: str, **kwargs: Any) -> RewardModel:
 def resolve_reward(spec: str | Callable[..., Mapping[str, torch.Tensor]], **options: Any):
     """A reward model from a callable (returned as it is), an import path
     ``"pkg.module:Factory"`` or a registered name, the factory called with ``options`` (those
-    whose value is None are left out: the factory's defaults apply).
+    whose value is None are left out: the factory's defaults apply), or the URL of a reward
+    server ``"http://127.0.0.1:PORT/NAME"`` (:class:`~kvpo.rewards.client.RemoteReward`; only
+    ``batch_size`` applies, the scorer's other options are the server's).
 
     ``options`` are the scorer settings a run passes along (``path``, ``batch_size``,
     ``offload``, ...); a factory that does not take one that is set raises TypeError naming it.
@@ -95,6 +97,16 @@ def resolve_reward(spec: str | Callable[..., Mapping[str, torch.Tensor]], **opti
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"reward must be a callable, a registered name or 'pkg.module:Factory', "
                         f"got {spec!r}")  # fmt: skip
+    if spec.startswith(("http://", "https://")):
+        from kvpo.rewards.client import RemoteReward
+
+        server_side = sorted(set(options) - {"batch_size"})
+        if server_side:
+            raise TypeError(
+                f"reward {spec!r} is served: set {server_side} on the server "
+                "(kvpo reward-server --path ... --base-model ... --offload)"
+            )
+        return RemoteReward(spec, **options)
     if ":" not in spec:
         if spec not in _FACTORIES and spec not in _BUILTIN:
             raise KeyError(f"no reward named {spec!r}; available: {available_rewards()}")
