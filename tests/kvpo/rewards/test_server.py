@@ -18,7 +18,6 @@ import torch
 from kvpo import KVPOTrainer
 from kvpo.rewards.client import RemoteReward
 from kvpo.rewards.motion import MotionSmoothnessReward
-from kvpo.rewards.raft import RAFT
 from kvpo.rewards.registry import resolve_reward, score
 from kvpo.rewards.wire import decode_scores, encode_request
 from kvpo.training.distributed import DistInfo
@@ -56,14 +55,6 @@ class ServerProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def raft_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("raft") / "raft_small.pth"
-    torch.save(RAFT("small").state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ anchor's video (the global signal: one clip per segment, each with its own promp
 import math
 
 import pytest
-import torch
 
-from kvpo.rewards.raft import RAFT
 from kvpo.rewards.registry import resolve_reward
 from kvpo.training.distributed import DistInfo
 from kvpo.training.trainer import build_learner
@@ -29,14 +27,6 @@ def videoreward(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hpsv3(tmp_path_factory):
     return write_hpsv3(tmp_path_factory.mktemp("hpsv3"))
-
-
-@pytest.fixture(scope="module")
-def raft_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("raft") / "raft_small.pth"
-    torch.save(RAFT("small").state_dict(), path)
-    return path
 
 
 def run_one_step(weights, tmp_path, reward, component):
