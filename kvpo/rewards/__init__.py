@@ -1,5 +1,7 @@
-"""Rewards: the reward-model contract and registry (:mod:`.registry`) and the clips of a video
-that are scored, local and global (:mod:`.clips`)."""
+"""Rewards: the reward-model contract and registry (:mod:`.registry`), the clips of a video that
+are scored, local and global (:mod:`.clips`), the real scorers (:mod:`.hpsv3`, :mod:`.videoalign`,
+:mod:`.motion` on :mod:`.raft`; imported when built by name) and the reward server
+(:mod:`.server`, :mod:`.client`)."""
 
 from kvpo.rewards.registry import (
     RewardModel,
@@ -7,6 +9,7 @@ from kvpo.rewards.registry import (
     build_reward,
     register_reward,
     resolve_reward,
+    reward_options,
     score,
     weighted_sum,
 )
@@ -17,6 +20,7 @@ __all__ = [
     "build_reward",
     "register_reward",
     "resolve_reward",
+    "reward_options",
     "score",
     "weighted_sum",
 ]
