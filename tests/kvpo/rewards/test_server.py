@@ -175,7 +175,8 @@ def test_the_run_continues_after_a_server_restart(server, weights, tmp_path):
         json.loads(x) for x in (tmp_path / "remote" / "metrics.jsonl").read_text().split("\n") if x
     ]
     records = {r["step"]: r for r in lines if "step" in r}
-    assert records[1].get("skipped") == "non-finite reward"
+    # the learner's reason ("non-finite reward", or the client's failure when it reports it)
+    assert records[1].get("skipped", "").startswith(("non-finite reward", "reward server"))
     assert "skipped" not in records[0] and "skipped" not in records[2]
     for name, value in snapshots[1].items():  # the skipped step left the adapter as it was
         assert torch.equal(snapshots[2][name], value), name
