@@ -135,8 +135,9 @@ def run(args, cfg, modes: list[str], device) -> int:
         aggregates[mode] = aggregate(groups[mode])
         if att is not None:
             attention[mode] = att
-        fork = learner.video_model.video_frame(groups[mode][0]["fork"])
+        fork = learner.video_model.video_frame(groups[mode][first["pair"]]["fork"])
         report.write_grid(first, fork, out / f"branches_{mode.replace('+', '_')}.png")
+        shown = pairs[first["pair"]]
         print(f"{mode}: {len(pairs)} groups in {timings[mode]:.1f} s", flush=True)
     learner.stream.context_hook = None
     gains = {}
@@ -158,6 +159,10 @@ def run(args, cfg, modes: list[str], device) -> int:
     if gains:
         text += ["", f"Held-out gain after {args.train_steps} steps (after - before +- SE):", ""]
         text.append(gain_table(gains))
+    p, seed = shown
+    story = " / ".join(prompts[p])
+    text += ["", f"Branch grids (`branches_<mode>.png`): held-out prompt {p}, seed {seed} (the "
+             f"pair whose anchor shows the object most often): {story}."]  # fmt: skip
     report.diversity_plot(groups, out / "diversity_vs_manifold.png")
     timings["total"] = time.perf_counter() - started
     text += ["", f"Wall time: {timings['total']:.0f} s."]

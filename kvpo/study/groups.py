@@ -46,6 +46,9 @@ def _signal_metrics(name: str, signal, weights: dict[str, float]) -> dict[str, f
         out[f"reward_{name}/{comp}/branch_minus_anchor"] = float(r.mean()) - a
     total = weighted_total(branches, weights).double()
     out[f"signal/reward_std_{name}"] = float(total.std())
+    out[f"signal/branch_minus_anchor_{name}"] = float(total.mean()) - float(
+        weighted_total(anchor, weights)
+    )
     out[f"signal/reward_range_{name}"] = float(total.max() - total.min())
     return out
 
@@ -159,15 +162,17 @@ def aggregate(groups: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def run_mode(learner, mode: str, pairs, prompts, *, world=None, hook=None, anchors=None):
-    """Roll out and measure one group per pair in ``mode``; returns ``(groups, first_extra,
-    attention)`` (``attention``: :meth:`AttentionMass.summary` of branches and anchor, or
-    None without a hook)."""
+    """Roll out and measure one group per pair in ``mode``; returns ``(groups, shown,
+    attention)``: ``shown`` the ``extra`` of :func:`measure_group` (with its ``pair`` index) of
+    the pair whose anchor shows the object in most frames after the fork (the first pair when
+    not measured), the same pair in every mode; ``attention``: :meth:`AttentionMass.summary` of
+    branches and anchor, or None without a hook."""
     G = learner.cfg.K
     base = learner.exploration
     learner.exploration = replace(base, mode=mode)
     if hook is not None:
         hook.reset()
-    groups, first = [], None
+    groups, first, shown = [], None, None
     anchors = anchors if anchors is not None else {}
     try:
         for i, (p, _) in enumerate(pairs):
@@ -183,7 +188,9 @@ def run_mode(learner, mode: str, pairs, prompts, *, world=None, hook=None, ancho
             finally:
                 learner.cache.free([ro.snapshot])
             groups.append(metrics)
-            first = first or extra
+            score = metrics.get("anchor/object_after_fork", 0.0)
+            if shown is None or score > shown[1]:  # the same pair in every mode: one anchor
+                shown, first = (i, score), {**extra, "pair": i}
     finally:
         learner.exploration = base
         if hook is not None:

@@ -4,8 +4,9 @@
   the groups; then the attention mass per layer and, when run, the held-out gain per mode.
 - ``study.json``: every group's numbers, the aggregates, the attention summaries, the settings.
 - ``diversity_vs_manifold.png``: per mode, each group's branch diversity (pixel difference, and
-  the object's position spread) against its branches' on-manifold scores (render distance,
-  valid-scene share), the mode's mean with its SE; the anchor's mean as a reference line.
+  the object's position spread) against how much further from the manifold its branches are
+  than its anchor (render distance, and the toy's visual quality; real models: the weighted
+  reward), the mode's mean with its SE.
 - ``attention_mass.png``: per mode and layer, the mass the branches and the anchor put on the
   sink, the middle (routed / replaced) frames, the nearest frames and the block itself.
 - ``branches_<mode>.png``: the first pair's group from the fork on (:func:`branch_grid`).
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure
 
 from kvpo.outputs.media import branch_grid, branch_labels
 from kvpo.study.attention import ROLES
+from kvpo.study.groups import mean_se
 
 COLOURS = {
     "kv_routing": "#1f77b4",
@@ -56,6 +58,8 @@ ROWS = (
     ("manifold/branches/clean_background", "branches: clean background (% of frames)", 100, 1),
     ("signal/reward_std_local", "std of branch rewards, local (weighted total)", 1, 4),
     ("signal/reward_std_global", "std of branch rewards, global (weighted total)", 1, 4),
+    ("signal/branch_minus_anchor_local", "branch mean - anchor, local (weighted total)", 1, 4),
+    ("signal/branch_minus_anchor_global", "branch mean - anchor, global (weighted total)", 1, 4),
     ("signal/no_branch_beats_anchor", "groups where no branch beats the anchor (%)", 100, 1),
     ("signal/all_advantages_equal", "groups whose G advantages are all equal (%)", 100, 1),
     ("signal/advantage_abs_mean", "mean abs advantage (after fusion and clip)", 1, 3),
@@ -108,7 +112,8 @@ def write_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=1, default=float))
 
 
-def _scatter(ax, groups_by_mode, xkey, ykey, xscale, yscale, anchor_key=None):
+def _scatter(ax, groups_by_mode, xkey, ykey, xscale, yscale):
+    """One faint dot per group, the mode's mean +- SE on both axes, a line at y = 0."""
     for mode, groups in groups_by_mode.items():
         xs = [g[xkey] * xscale for g in groups if xkey in g and ykey in g]
         ys = [g[ykey] * yscale for g in groups if xkey in g and ykey in g]
@@ -116,37 +121,35 @@ def _scatter(ax, groups_by_mode, xkey, ykey, xscale, yscale, anchor_key=None):
             continue
         colour = COLOURS.get(mode, "black")
         ax.scatter(xs, ys, s=14, alpha=0.35, color=colour, linewidths=0)
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sx = (sum((x - mx) ** 2 for x in xs) / max(len(xs) - 1, 1) / len(xs)) ** 0.5
-        sy = (sum((y - my) ** 2 for y in ys) / max(len(ys) - 1, 1) / len(ys)) ** 0.5
+        (mx, sx), (my, sy) = mean_se(xs), mean_se(ys)
         ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", ms=8, color=colour, capsize=3, label=mode)
-    if anchor_key:
-        values = [g[anchor_key] * yscale for gs in groups_by_mode.values() for g in gs]
-        if values:
-            ax.axhline(sum(values) / len(values), color="black", ls="--", lw=1, label="anchor")
+    ax.axhline(0, color="black", ls="--", lw=1, label="anchor (unperturbed)")
     ax.grid(alpha=0.3)
 
 
 def diversity_plot(groups_by_mode: dict[str, list[dict]], path: Path) -> None:
-    key = "manifold/branches/render_distance"
+    """Branch diversity against how far the branches are from the manifold, relative to their
+    anchor (paired per group: 0 = as on-manifold as the unperturbed video)."""
+    key = "manifold/branches_minus_anchor_distance"
     toy = any(key in g for groups in groups_by_mode.values() for g in groups)
     fig = Figure(figsize=(12, 5), dpi=110)
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
     if toy:
-        _scatter(left, groups_by_mode, "diversity/pixel", "manifold/branches/render_distance",
-                 100, 1, "manifold/anchor/render_distance")  # fmt: skip
-        left.set_ylabel("branches: RMS distance to the nearest valid render (lower = on manifold)")
-        _scatter(right, groups_by_mode, "semantic/position", "manifold/branches/valid_share",
-                 1, 100, "manifold/anchor/valid_share")  # fmt: skip
+        _scatter(left, groups_by_mode, "diversity/pixel", key, 100, 1)
+        left.set_ylabel("render distance, branches - anchor\n(> 0: further from valid renders)")
+        _scatter(right, groups_by_mode, "semantic/position",
+                 "reward_local/visual_quality/branch_minus_anchor", 1, 1)  # fmt: skip
         right.set_xlabel("object position spread between branches (px)")
-        right.set_ylabel("branches: valid scenes (% of frames)")
+        right.set_ylabel("visual quality (local), branches - anchor")
     else:
-        _scatter(left, groups_by_mode, "diversity/pixel", "signal/reward_std_local", 100, 1)
-        left.set_ylabel("std of branch rewards (local)")
-        _scatter(right, groups_by_mode, "diversity/latent_l2", "signal/reward_std_global", 1, 1)
+        _scatter(left, groups_by_mode, "diversity/pixel",
+                 "signal/branch_minus_anchor_local", 100, 1)  # fmt: skip
+        left.set_ylabel("weighted reward (local), branches - anchor")
+        _scatter(right, groups_by_mode, "diversity/latent_l2",
+                 "signal/branch_minus_anchor_global", 1, 1)  # fmt: skip
         right.set_xlabel("latent RMS difference between branches")
-        right.set_ylabel("std of branch rewards (global)")
+        right.set_ylabel("weighted reward (global), branches - anchor")
     left.set_xlabel("pixel difference between branches (% of full scale)")
     left.legend(fontsize=8)
     fig.suptitle("branch diversity vs staying on the data manifold (one dot per group)")
