@@ -5,7 +5,8 @@ Per step (one prompt group per rank):
 
 1. **plan**: the CHR routing plan of the group, seeded by ``(seed, step, rank)``;
 2. **rollout** with the old policy (adapter ``"old"``): shared prefix, fork, G routed branches
-   and the anchor (:mod:`kvpo.method.rollout`);
+   and the anchor (:mod:`kvpo.method.rollout`; ``exploration``: routed and/or noise-perturbed
+   branches, :mod:`kvpo.method.exploration`);
 3. **rewards**: local (the forked chunk) and global (one clip per segment) for every row;
    **advantages** anchor-relative per component, fused and clipped
    (:mod:`kvpo.method.advantages`);
