@@ -27,7 +27,7 @@ python -m pytest -q -x tests/kvpo_kernels --junitxml="$out/gpu_tests.xml"
 tests_rc=$?
 
 echo "== kernel benchmarks =="
-python -m pytest -q -s benchmarks --ignore=benchmarks/bench_group_rollout.py --ignore=benchmarks/bench_train_step.py  # these need diffusers
+python -m pytest -q -s benchmarks --ignore=benchmarks/bench_group_rollout.py --ignore=benchmarks/bench_train_step.py --ignore=benchmarks/bench_rewards.py  # these need diffusers / transformers
 bench_rc=$?
 python -m benchmarks.report
 cp benchmarks/results/*-cuda.json benchmarks/RESULTS.md "$out"/ 2>/dev/null || true

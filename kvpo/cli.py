@@ -5,10 +5,12 @@
     kvpo sample   [key=value ...]                                             toy videos + rewards
     kvpo pretrain [key=value ...]                                             the toy model
     kvpo study    [--config X.yaml] [--prompts N] [key=value ...]             exploration study
+    kvpo reward-server scorer=NAME path=CKPT port=P                           a reward server
 
 One override convention for every job: ``key=value`` words. For ``train``, ``evaluate`` and
 ``study`` the keys are the trainer's config keys (``kvpo train --help`` lists them; dotted for
-nested keys, ``adapter.rank=8``); for ``sample`` and ``pretrain`` they are the job's options
+nested keys, ``adapter.rank=8``); for ``sample``, ``pretrain`` and ``reward-server`` they are the
+job's options
 (``kvpo sample prompt="a red circle moves left" samples=4`` is ``--prompt ... --samples 4``; a
 repeatable option is repeated: ``prompt=... prompt=...``). Options in ``--flag value`` form work
 too. ``kvpo JOB --help`` explains each job; ``python -m kvpo.train`` and the other modules keep
@@ -29,6 +31,11 @@ JOBS = {
     ),
     "sample": ("kvpo.sample", "sample toy videos (GIF + MP4) and print their rewards", True),
     "pretrain": ("kvpo.toy.pretrain", "pretrain the toy model (the shipped weights' recipe)", True),
+    "reward-server": (
+        "kvpo.rewards.server",
+        "serve a reward model over HTTP on 127.0.0.1 (a scorer in its own environment)",
+        True,
+    ),
     "study": (
         "kvpo.study.command",
         "KV routing against noise-based exploration, measured side by side",

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from kvpo.rewards.clips import global_clips, score_clips
-from kvpo.rewards.registry import resolve_reward
+from kvpo.rewards.registry import resolve_reward, reward_options
 from kvpo.streaming import stream_from_config
 from kvpo.training.config import ConfigError, TrainConfig
 from kvpo.training.config_parse import load_config
@@ -41,9 +41,10 @@ def model_scores(cfg: TrainConfig, model: VideoModel, info: DistInfo) -> dict[st
         cfg.data_path, cfg.eval_data_path, num_segments=len(cfg.switch_frames) + 1,
         eval_prompts=cfg.eval_prompts, seed=cfg.seed,
     ).heldout(cfg.eval_prompts)  # fmt: skip
+    reward = resolve_reward(cfg.reward_model, **reward_options(cfg))
     return evaluate(
-        stream, resolve_reward(cfg.reward_model), prompts, cfg.eval_seeds, base_seed=cfg.seed,
-        info=info, batch=cfg.rows_per_batch, clip_len=cfg.long_reward_normal_clip_len,
+        stream, reward, prompts, cfg.eval_seeds, base_seed=cfg.seed, info=info,
+        batch=cfg.rows_per_batch, clip_len=cfg.long_reward_normal_clip_len,
     )  # fmt: skip
 
 
@@ -66,7 +67,8 @@ def world_scores(cfg: TrainConfig) -> dict[str, list[float]]:
             videos.append(generate_video(segments, lengths[: len(seq)], seed=1000 * p + s).frames)
             seqs.append(seq)
     clips = [global_clips(layout, seq, cfg.long_reward_normal_clip_len) for seq in seqs]
-    values = score_clips(resolve_reward(cfg.reward_model), torch.stack(videos), clips)
+    reward = resolve_reward(cfg.reward_model, **reward_options(cfg))
+    values = score_clips(reward, torch.stack(videos), clips)
     return {k: v.tolist() for k, v in values.items()}
 
 

@@ -164,9 +164,24 @@ class TrainConfig:
     # rewards and advantages
     reward_model: str = _f(
         "toy",
-        "reward model: a registered name (kvpo.rewards registry) or an import path "
-        "'pkg.module:Factory' (called with no arguments)",
+        "reward model: a registered name (kvpo.rewards registry: toy, video_hpsv3, videoalign, "
+        "videoalign_vq|mq|mq_rgb|ta, motion_smoothness, dynamic_degree), an import path "
+        "'pkg.module:Factory', or a reward server 'http://127.0.0.1:PORT/NAME'",
         "rewards",
+    )
+    reward_path: str = _f(
+        "", "reward model weights: a file or directory in the released layout (docs/rewards.md)"
+    )
+    reward_base_model: str = _f(
+        "", "Qwen2-VL base directory (config + tokenizer) of video_hpsv3 / videoalign*"
+    )
+    reward_batch_size: int = _f(
+        0,
+        "frames / videos / frame pairs per reward forward, or videos per reward-server request; "
+        "0 = the scorer's default",
+    )
+    reward_offload: bool = _f(
+        False, "keep the reward model on the CPU between calls, on the device only to score"
     )
     reward_components: list[RewardComponent] = _f(TOY_REWARDS, "weighted reward components")
     train_local: bool = _f(True, "use the local reward (the forked chunk)")

@@ -285,7 +285,7 @@ class Learner:
                 local, global_, self.last_videos = self.rewards(ro, prompts)
             raw = [t for sig in (local, global_) if sig for part in sig for t in part.values()]
             if any_rank(not all(bool(torch.isfinite(t).all()) for t in raw), self.info):
-                raise SkippedStep("non-finite reward")
+                raise SkippedStep(getattr(self.reward, "failure", None) or "non-finite reward")
             adv = group_advantages(local, global_, cfg.reward_weights, self.advantage_config)
             safe = any_branch_beats_anchor([local, global_], cfg.reward_weights)
             branches = list(range(cfg.K))

@@ -30,7 +30,7 @@ from kvpo.outputs.loggers import MetricsLogger, read_metrics
 from kvpo.outputs.media import branch_grid, branch_labels, side_by_side, write_video
 from kvpo.outputs.plots import write_reward_curve, write_training_curves
 from kvpo.outputs.progress import Progress
-from kvpo.rewards.registry import resolve_reward
+from kvpo.rewards.registry import resolve_reward, reward_options
 from kvpo.training.checkpoint import capture_rng, export_adapter, resolve_checkpoint
 from kvpo.training.config import TrainConfig
 from kvpo.training.distributed import DistInfo, barrier, gather_objects, init_distributed, rank_seed
@@ -78,7 +78,9 @@ def build_learner(
         cfg,
         model or load_video_model(cfg, info.device),
         info,
-        reward=resolve_reward(reward if reward is not None else cfg.reward_model),
+        reward=resolve_reward(
+            reward if reward is not None else cfg.reward_model, **reward_options(cfg)
+        ),
         prompts=prompts,
     )
 

@@ -67,6 +67,10 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     names = [c.name for c in cfg.reward_components]
     need(bool(names), "reward_components is empty: KVPO needs at least one weighted reward")
     need(len(set(names)) == len(names), f"reward_components names repeat: {names}")
+    try:
+        cfg.exploration_config()
+    except ConfigError as err:
+        problems.append(str(err))
     return problems
 
 

@@ -81,6 +81,7 @@ def test_shipped_configs_parse(name):
     assert cfg.to_dict()["K"] == expected_k
     if name == "toy.yaml":
         assert cfg == TrainConfig(), "configs/toy.yaml must state the built-in defaults"
+        assert raw == TrainConfig().to_dict(), "configs/toy.yaml must state every key"
 
 
 def _problems(tmp_path, overrides, resume=None):
