@@ -389,15 +389,3 @@ def parse_int_list(value: str | list, what: str) -> list[int]:
         return [int(str(s).strip()) for s in items]
     except ValueError as err:
         raise ConfigError(f"{what} must be comma-separated integers, got {value!r}") from err
-
-
-def choices(cls=None, prefix: str = "") -> dict[str, tuple]:
-    """``{dotted key: allowed values}`` of every field of ``cls`` declaring choices."""
-    out = {}
-    for f in dataclasses.fields(cls or TrainConfig):
-        if f.metadata.get("choices"):
-            out[prefix + f.name] = f.metadata["choices"]
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            out.update(choices(type(default), prefix + f.name + "."))
-    return out

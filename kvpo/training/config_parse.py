@@ -196,3 +196,15 @@ def help_text() -> str:
         suffix = f" (choices: {', '.join(map(str, doc.choices))})" if doc.choices else ""
         lines.append(f"      {doc.help}{suffix}")
     return "\n".join(lines)
+
+
+def choices(cls=None, prefix: str = "") -> dict[str, tuple]:
+    """``{dotted key: allowed values}`` of every field of ``cls`` declaring choices."""
+    out = {}
+    for f in dataclasses.fields(cls or TrainConfig):
+        if f.metadata.get("choices"):
+            out[prefix + f.name] = f.metadata["choices"]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.update(choices(type(default), prefix + f.name + "."))
+    return out

@@ -12,7 +12,8 @@ import importlib.util
 from pathlib import Path
 
 from kvpo.method.routing import RoutingError, plan_routing
-from kvpo.training.config import ConfigError, TrainConfig, choices
+from kvpo.training.config import ConfigError, TrainConfig
+from kvpo.training.config_parse import choices
 from kvpo.training.prompts import PromptFileError, load_prompt_file
 
 

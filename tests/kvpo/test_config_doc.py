@@ -3,9 +3,9 @@
 import dataclasses
 from pathlib import Path
 
-from kvpo.training.config import TrainConfig, choices
+from kvpo.training.config import TrainConfig
 from kvpo.training.config_doc import markdown
-from kvpo.training.config_parse import all_keys, help_text
+from kvpo.training.config_parse import all_keys, choices, help_text
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
