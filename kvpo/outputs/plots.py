@@ -113,15 +113,11 @@ def _curve(ax: Axes, steps, values, colour: str, label: str, gid: str, smoothing
 
 def _reward_panel(ax: Axes, records, signal: str, comp: str, smoothing: float) -> bool:
     """Branch mean (with the branches' min-max band) and anchor of one component or the total."""
-    prefix = f"reward_{signal}/{comp}"
-    if comp == "total":
-        mean_key, anchor_key = f"reward_{signal}/total_mean", f"reward_{signal}/total_anchor"
-    else:
-        mean_key, anchor_key = f"{prefix}/branches", f"{prefix}/anchor"
-        steps, low = series(records, mean_key, min)
-        if len(steps):
-            _, high = series(records, mean_key, max)
-            ax.fill_between(steps, low, high, color=BRANCH, alpha=0.12, lw=0, label="branch range")
+    mean_key, anchor_key = f"reward_{signal}/{comp}/branches", f"reward_{signal}/{comp}/anchor"
+    steps, low = series(records, mean_key, min)
+    if len(steps):
+        _, high = series(records, mean_key, max)
+        ax.fill_between(steps, low, high, color=BRANCH, alpha=0.12, lw=0, label="branch range")
     drawn = False
     for key, colour, label, name in (
         (mean_key, BRANCH, "branch mean (smoothed)", "branches"),
@@ -186,7 +182,7 @@ def reward_figure(records: Sequence[dict], smoothing: float = 0.6) -> Figure:
     ``global``) plus a ``held-out eval`` row when records carry ``eval/<component>`` values
     (held-out rewards, on their own scale, so in their own row); skipped steps as dotted red
     lines. Records: see :func:`series`; keys ``reward_<signal>/<comp>/branches`` ([G] lists),
-    ``.../anchor``, ``reward_<signal>/total_mean``, ``.../total_anchor``, ``eval/<comp>``."""
+    ``.../anchor`` (``<comp>`` = ``total``: the weighted sum), ``eval/<comp>``."""
     signals, comps, has_eval = _components(records)
     if not signals and not has_eval:
         fig, axes = _grid(1, 1, 6, 3.2)

@@ -381,8 +381,8 @@ class Learner:
             total = sum(values * w for comp, w in self.cfg.reward_weights.items()
                         for values in [sig[0][comp]])  # fmt: skip
             anchor = sum(float(sig[1][c]) * w for c, w in self.cfg.reward_weights.items())
-            record[f"reward_{name}/total_mean"] = float(total.mean())
-            record[f"reward_{name}/total_anchor"] = anchor
+            record[f"reward_{name}/total/branches"] = total
+            record[f"reward_{name}/total/anchor"] = anchor
         record["advantage/final"] = adv.final
         record["advantage/fused"] = adv.fused
         record["advantage/clip_fraction"] = adv.clip_fraction

@@ -208,7 +208,9 @@ class KVPOTrainer:
     def _after_step(self, step: int, record: dict) -> None:
         cfg = self.cfg
         signal = "reward_global" if cfg.train_global else "reward_local"
-        done = [r for r in gather_objects(record.get(f"{signal}/total_mean"), self.info) if r]
+        totals = record.get(f"{signal}/total/branches")
+        mean = None if totals is None else float(totals.mean())
+        done = [r for r in gather_objects(mean, self.info) if r is not None]
         branch = sum(done) / len(done) if done else None  # mean over ranks, for the progress
         if (step + 1) % cfg.log_interval == 0 or "skipped" in record:
             self.logger.log(step, record)
@@ -230,14 +232,10 @@ class KVPOTrainer:
         cfg, learner = self.cfg, self.learner
         videos, stem = learner.last_videos, self.run_dir / "samples" / f"step{step:05d}"
         write_video(side_by_side(videos, scale=4), stem, fps=8)
-        signal = "reward_local" if cfg.train_local else "reward_global"
-        weights = cfg.reward_weights
-        branches = [
-            sum(w * record[f"{signal}/{c}/branches"][g] for c, w in weights.items())
-            for g in range(cfg.K)
-        ]
-        anchor = sum(w * record[f"{signal}/{c}/anchor"] for c, w in weights.items())
-        labels = branch_labels(branches, anchor, record["advantage/final"])
+        total = "reward_local/total" if cfg.train_local else "reward_global/total"
+        labels = branch_labels(
+            record[f"{total}/branches"], record[f"{total}/anchor"], record["advantage/final"]
+        )
         frame, start = learner.video_model.video_frame, record["routing/start_frame"]
         window = range(frame(start), frame(start + learner.geometry.window_frames))
         branch_grid(videos, labels, window).save(stem.with_name(stem.name + "_branches.png"))

@@ -51,8 +51,8 @@ def make_records(steps=range(10)):
             for comp in "ab":
                 rec[f"reward_local/{comp}/branches"] = branches(s, comp)
                 rec[f"reward_local/{comp}/anchor"] = anchor(s, comp)
-            rec["reward_local/total_mean"] = sum(np.mean(branches(s, c)) for c in "ab")
-            rec["reward_local/total_anchor"] = sum(anchor(s, c) for c in "ab")
+            rec["reward_local/total/branches"] = list(np.add(branches(s, "a"), branches(s, "b")))
+            rec["reward_local/total/anchor"] = sum(anchor(s, c) for c in "ab")
             records.append(rec)
         if s in EVAL_STEPS:
             records.append(
