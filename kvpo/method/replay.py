@@ -58,7 +58,7 @@ def replay_energies(
     sigmas = [float(x) for x in stream.schedule.sigmas()]
     F = stream.frames_per_block
     grad = torch.is_grad_enabled() and grad_steps > 0
-    rows = cache.fork(rollout.snapshot, len(branches))
+    rows = cache.fork(rollout.snapshot, len(branches), lean=True)
     index = torch.tensor(branches, device=rollout.z.device)
     z_all, u_all = rollout.z.index_select(0, index), rollout.u.index_select(0, index)
     prefix = rollout.prefix.expand(len(branches), *rollout.prefix.shape[1:])

@@ -3,9 +3,13 @@
 With the old policy's weights and no gradient:
 
 1. The prefix ``[0, fork)`` is generated once, in one cache row (prompt switches and recache
-   included); that row stays alive as the *fork snapshot* the replay starts from.
+   included); that row stays alive as the *fork snapshot* the replay starts from, trimmed to
+   the frames any row can still read: the sink, the default window at the fork and the
+   branches' routed frames (:func:`shared_frames`).
 2. ``G + 1`` rows fork from it: page-table forks, no K/V copied. Rows ``0..G-1`` are branches,
-   row ``G`` the unrouted anchor.
+   row ``G`` the unrouted anchor. They are *lean* rows (:mod:`kvpo.models.frame_cache`): each
+   holds its routed frames and at most ``local_attn_size`` newest frames, so the group's K/V
+   is bounded by the shared history plus ``(rows in flight) x local_attn_size`` frames.
 3. All rows continue with the **same** initial noise and re-noising noise, so they differ only by
    routing: inside the routed window ``[fork, fork + P * F)`` branch ``g`` attends to
    ``plan.context_frames(g, block)`` (denoising steps and context pass alike); the anchor, and
@@ -42,7 +46,8 @@ class GroupRollout:
     ``latents [G + 1, C, end, H, W]``: every row's video (row ``G`` = anchor).
     ``z, u [G, K, C, F, H, W]``: recorded inputs and old-policy velocities of the policy blocks,
     ``k = block * S + step``. ``snapshot``: the cache row holding frames ``< fork`` (free it
-    after the replay). ``kv_bytes``: K/V bytes held after each phase.
+    after the replay). ``kv_bytes``: the most K/V bytes held during each phase (``prefix``,
+    ``window``, ``continuation``; the store's exact page count).
     """
 
     plan: RoutingPlan
@@ -61,6 +66,19 @@ class GroupRollout:
     def prefix(self) -> torch.Tensor:
         """``[1, C, fork, H, W]`` the shared prefix."""
         return self.latents[:1, :, : self.fork]
+
+
+def shared_frames(stream: StreamingGenerator, plan: RoutingPlan, routed: bool) -> list[int]:
+    """Frames before the fork that a row of the group can read: the sink and the default
+    window at the fork (the anchor, the replays, every row after the window) and, when routed,
+    each branch's routed frames."""
+    policy, fork, F = stream.cache.policy, plan.start_frame, stream.frames_per_block
+    frames = set(range(min(policy.sink_size, fork))) | set(policy.window(fork, F))
+    if routed:
+        for g in range(len(plan.routed)):
+            for block in plan.block_starts:
+                frames.update(f for f in plan.context_frames(g, block) if f < fork)
+    return sorted(frames)
 
 
 @torch.no_grad()
@@ -93,18 +111,26 @@ def rollout_group(
     cache = stream.cache
     G, fork, F = len(plan.routed), plan.start_frame, stream.frames_per_block
     record_end = min(end_frame, fork + max(policy_frames, plan.end_frame - fork))
-    kv_bytes = {}
+    store, kv_bytes = cache.store, {}
+
+    def record_peak(phase: str) -> None:
+        kv_bytes[phase] = max(kv_bytes.get(phase, 0), store.peak_held_bytes)
+        store.reset_peak()
+
+    store.reset_peak()
     (snapshot,) = cache.new_rows(1)
     prefix = stream.generate([snapshot], texts, noise, 0, fork).latents
     if fork in stream.layout.switches:  # the switch's recache is shared by the group: once
         stream.recache([snapshot], prefix, stream.text_at(texts, fork), fork)
-    kv_bytes["prefix"] = cache.held_bytes
+    record_peak("prefix")
+    cache.retain(snapshot, shared_frames(stream, plan, routed))
+    store.reset_peak()
     rows_all = list(range(G + 1))
     step = row_batch or (G + 1)
     videos, zs, us = [], [], []
     for r0 in range(0, G + 1, step):
         idx = rows_all[r0 : r0 + step]
-        rows = cache.fork(snapshot, len(idx))
+        rows = cache.fork(snapshot, len(idx), lean=True)
 
         def plans(frame, idx=idx):
             if not routed or not plan.in_window(frame):
@@ -124,7 +150,7 @@ def rollout_group(
             rows, texts, rows_noise, fork, record_end, history=prefix, plans=plans, record=True,
             inject=inject.get("window"),
         )  # fmt: skip
-        kv_bytes["window"] = max(kv_bytes.get("window", 0), cache.held_bytes)
+        record_peak("window")
         parts = [prefix.expand(len(idx), *prefix.shape[1:]), window.latents]
         if end_frame > record_end:
             rest = stream.generate(
@@ -132,7 +158,7 @@ def rollout_group(
                 history=torch.cat(parts, dim=2), inject=inject.get("rest"),
             )  # fmt: skip
             parts.append(rest.latents)
-        kv_bytes["continuation"] = max(kv_bytes.get("continuation", 0), cache.held_bytes)
+        record_peak("continuation")
         cache.free(rows)
         videos.append(torch.cat(parts, dim=2))
         keep = [i for i, g in enumerate(idx) if g < G]

@@ -19,7 +19,15 @@ for a later backward keeps its table while later views are built):
 Residency: while the block ``[s, s + F)`` runs, the cache keeps the sink and the non-sink frames
 ``>= s + F - (resident_frames - sink_size)`` (so ``resident_frames`` counts the sink and the
 block); older ones are evicted (their pages released) before the block's view is built, the
-convention of :mod:`kvpo.routing`.
+convention of :mod:`kvpo.method.routing`. Entries a newer segment re-encoded are released too,
+and a writing view releases the row's old entries of the frames it re-encodes (a recache).
+
+*Lean* rows (the group's branches and replays, which only ever read their current view and the
+default window after it) keep less: at each view they release every non-sink frame older than
+the block that neither the view reads nor a later default view can read (older than
+``s - (local_attn_size - sink_size - F)``). A lean row thus holds the sink, its routed frames
+and at most ``local_attn_size`` newest frames. :meth:`FrameCache.retain` trims a row to a
+given frame set.
 """
 
 from __future__ import annotations
@@ -108,6 +116,7 @@ class _Segment:
 @dataclass
 class _Row:
     segments: list[_Segment] = field(default_factory=list)
+    lean: bool = False
 
 
 @dataclass
@@ -188,14 +197,16 @@ class FrameCache:
         return cls(store, policy, backend)
 
     # ------------------------------------------------------------------ rows
-    def new_rows(self, n: int) -> list[int]:
-        """``n`` empty rows."""
-        return [self._add(_Row()) for _ in range(n)]
+    def new_rows(self, n: int, *, lean: bool = False) -> list[int]:
+        """``n`` empty rows (``lean``: see the module docstring)."""
+        return [self._add(_Row(lean=lean)) for _ in range(n)]
 
-    def fork(self, row: int, n: int) -> list[int]:
-        """``n`` rows sharing every frame of ``row`` (page refcounts; no K/V copied)."""
+    def fork(self, row: int, n: int, *, lean: bool | None = None) -> list[int]:
+        """``n`` rows sharing every frame of ``row`` (page refcounts; no K/V copied); ``lean``
+        as ``row`` unless given."""
         src = self._get(row)
-        kids = [_Row() for _ in range(n)]
+        lean = src.lean if lean is None else lean
+        kids = [_Row(lean=lean) for _ in range(n)]
         for seg in src.segments:
             for kid, seq in zip(kids, self.store.fork(seg.seq, n)):
                 kid.segments.append(_Segment(seq, seg.first_frame, seg.sink))
@@ -219,6 +230,12 @@ class FrameCache:
 
     def rows(self) -> list[int]:
         return list(self._rows)
+
+    def retain(self, row: int, frames: Sequence[int]) -> None:
+        """Release every frame of ``row`` that is not in ``frames`` (the row keeps no others)."""
+        keep = set(int(f) for f in frames)
+        state = self._get(row)
+        self._trim(state, lambda frame: frame in keep)
 
     def frames(self, row: int) -> list[int]:
         """Frames ``row`` holds (resident, served), ascending."""
@@ -260,10 +277,12 @@ class FrameCache:
         if plans is not None and len(plans) != len(rows):
             raise ValueError(f"{len(plans)} plans for {len(rows)} rows")
         keep_from = self.policy.resident_start(start_frame, num_frames)
+        sink = self.policy.sink_size
+        written = range(start_frame, start_frame + num_frames) if write else range(0)
         tables = []
         for i, row in enumerate(rows):
             state = self._get(row)
-            self._evict(state, keep_from)
+            self._trim(state, lambda f, k=keep_from: f not in written and (f < sink or f >= k))
             held = self._frame_pages(state)
             if plans is not None:
                 plan = [int(f) for f in plans[i]]
@@ -271,6 +290,9 @@ class FrameCache:
                 plan = sorted(f for f in held if f < start_frame)
             else:
                 plan = self.policy.window(start_frame, num_frames)
+            if state.lean:
+                self._trim_lean(state, plan, start_frame, num_frames)
+                held = self._frame_pages(state)
             missing = [f for f in plan if f not in held]
             if missing:
                 raise IndexError(
@@ -308,7 +330,7 @@ class FrameCache:
         """The sequence frame ``frame`` is appended to: the newest segment of its kind when that
         one ends right before ``frame``, else a new segment (a re-encoding starts one)."""
         newest = self.next_frame(row)
-        if frame > newest:
+        if frame > newest and not state.lean:  # a lean row may have released its newest frames
             raise ValueError(
                 f"row {row} holds frames up to {newest - 1}; writing frame {frame} leaves a gap"
             )
@@ -330,32 +352,38 @@ class FrameCache:
                 held[seg.first_frame + pos] = page
         return held
 
-    def _served(self, state: _Row) -> dict[int, list[int]]:
-        """Segment index -> frames it serves, oldest first."""
+    def _trim(self, state: _Row, keep) -> None:
+        """Release the entries of ``state`` whose frame fails ``keep(frame)`` and the entries a
+        newer segment re-encoded; free segments left with nothing."""
         owner: dict[int, int] = {}
         for index, seg in enumerate(state.segments):
             for pos in self.store.positions(seg.seq):
                 owner[seg.first_frame + pos] = index
-        served: dict[int, list[int]] = {i: [] for i in range(len(state.segments))}
-        for frame in sorted(owner):
-            served[owner[frame]].append(frame)
-        return served
-
-    def _evict(self, state: _Row, keep_from: int) -> None:
-        """Free segments that serve nothing; release non-sink frames older than ``keep_from``."""
-        served = self._served(state)
-        keep = []
+        kept = []
         for index, seg in enumerate(state.segments):
-            frames = served[index]
-            old = [f for f in frames if not seg.sink and f < keep_from]
-            if len(old) == len(frames):
+            positions = self.store.positions(seg.seq)
+            drop = [
+                p for p in positions
+                if owner[seg.first_frame + p] != index or not keep(seg.first_frame + p)
+            ]  # fmt: skip
+            if len(drop) == len(positions):
                 self.store.free(seg.seq)
                 continue
-            if old:
-                held = len(self.store.positions(seg.seq))
-                self.store.evict(seg.seq, keep_sink_pages=0, max_pages=held - len(old))
-            keep.append(seg)
-        state.segments = keep
+            if drop:
+                self.store.drop(seg.seq, drop)
+            kept.append(seg)
+        state.segments = kept
+
+    def _trim_lean(self, state: _Row, plan, start_frame: int, num_frames: int):
+        """A lean row's release before the view of block ``[start_frame, +num_frames)``."""
+        policy, read = self.policy, set(plan)
+        newest = max(policy.local_attn_size - policy.sink_size - num_frames, 0)
+        floor = start_frame - newest if policy.local_attn_size != -1 else 0
+
+        def keep(frame: int) -> bool:
+            return frame < policy.sink_size or frame in read or frame >= floor
+
+        self._trim(state, keep)
 
     def _release(self, state: _Row) -> None:
         for seg in state.segments:

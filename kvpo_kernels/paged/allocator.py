@@ -18,7 +18,8 @@ class PageAllocator:
     A page is free exactly when its count is 0. ``allocate`` gives pages with count 1,
     ``share`` adds holders to each listed page, ``release`` drops one and returns the pages whose
     count reached 0 to the free list, which hands out the most recently freed pages first
-    (initially the lowest ids first).
+    (initially the lowest ids first). ``peak_in_use`` is the most pages held at once since
+    construction or the last :meth:`reset_peak`.
     """
 
     def __init__(self, num_pages: int) -> None:
@@ -27,10 +28,15 @@ class PageAllocator:
         self.num_pages = num_pages
         self._counts = [0] * num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives the lowest id
+        self.peak_in_use = 0
 
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the pages held now."""
+        self.peak_in_use = self.num_pages - len(self._free)
 
     def refcount(self, page: int) -> int:
         self._check_id(page)
@@ -45,6 +51,7 @@ class PageAllocator:
         pages = [self._free.pop() for _ in range(n)]
         for page in pages:
             self._counts[page] = 1
+        self.peak_in_use = max(self.peak_in_use, self.num_pages - len(self._free))
         return pages
 
     def share(self, pages: Iterable[int], holders: int = 1) -> None:

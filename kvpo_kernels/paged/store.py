@@ -73,6 +73,7 @@ class PagedKVStore:
         self.backend = backend
         self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
+        self.copied_bytes = 0  # K/V bytes copied on write (shared partial tail pages) so far
         self._reservations = ReservationLedger(num_layers)
         self.table_builder = PageTableBuilder(self.pool.device)
 
@@ -102,6 +103,15 @@ class PagedKVStore:
     def held_bytes(self) -> int:
         """Bytes of K/V held by live pages (all layers)."""
         return (self.num_pages - self.num_free_pages) * self.page_bytes
+
+    @property
+    def peak_held_bytes(self) -> int:
+        """Most bytes held at once since construction or :meth:`reset_peak`."""
+        return self.allocator.peak_in_use * self.page_bytes
+
+    def reset_peak(self) -> None:
+        """Start :attr:`peak_held_bytes` anew from what is held now."""
+        self.allocator.reset_peak()
 
     def refcount(self, page_id: int) -> int:
         """How many sequences hold page ``page_id`` (0 = free)."""
@@ -183,17 +193,35 @@ class PagedKVStore:
                 f"need 0 <= keep_sink_pages < max_pages (the tail page is never evicted), "
                 f"got keep_sink_pages={keep_sink_pages}, max_pages={max_pages}"
             )
-        s = self._get(seq)
-        self._check_not_pending(seq, s, "evict")
         held = self.positions(seq)
         excess = len(held) - max_pages
         victims = [p for p in held[:-1] if p >= keep_sink_pages][: max(excess, 0)]
-        released = [s.pages[p] for p in victims]
-        for p in victims:
-            s.pages[p] = None
-        s.evicted += len(victims)
-        self.allocator.release(released)
+        self.drop(seq, victims)
         return victims
+
+    def drop(self, seq: int, positions: Sequence[int]) -> None:
+        """Release the pages at logical ``positions`` of ``seq`` (any held ones: holes are fine).
+
+        A partially filled tail page cannot be dropped (the next write continues it).
+        """
+        s = self._get(seq)
+        self._check_not_pending(seq, s, "drop pages of")
+        positions = sorted(set(int(p) for p in positions))
+        tail = len(s.pages) - 1
+        for p in positions:
+            if not 0 <= p <= tail or s.pages[p] is None:
+                raise IndexError(f"sequence {seq} holds no page at position {p}")
+            if p == tail and s.length % self.page_size:
+                raise ValueError(
+                    f"position {p} is the partially filled tail page of sequence {seq} "
+                    f"({s.length % self.page_size} of {self.page_size} tokens): "
+                    "it cannot be dropped"
+                )
+        released = [s.pages[p] for p in positions]
+        for p in positions:
+            s.pages[p] = None
+        s.evicted += len(positions)
+        self.allocator.release(released)
 
     # ----------------------------------------------------------------- writing tokens
     def reserve(self, seqs: Sequence[int], num_tokens: int) -> Reservation:
@@ -253,6 +281,7 @@ class PagedKVStore:
             s.length = end
             s.pending += 1
         if src:
+            self.copied_bytes += len(src) * self.page_bytes
             copy_pages(self.pool, self._ids(src), self._ids(dst), backend=self.backend)
         slots = self._to_device(torch.tensor(flat, dtype=torch.int64).view(len(seqs), num_tokens))
         return self._reservations.open(slots, seqs)

@@ -61,6 +61,7 @@ def test_fork_shares_pages_and_copy_on_write_protects_the_parent(device):
     store.append(kids[0], k_new, v_new)  # shared half-full tail: copied before the write
     assert store.pages(kids[0])[0] == 0 and store.pages(kids[0])[1] not in (0, 1)
     assert [store.refcount(p) for p in (0, 1)] == [4, 3]
+    assert store.copied_bytes == store.page_bytes  # one page copied, all layers, K and V
     _assert_holds(store, parent, k, v)
     _assert_holds(store, kids[1], k, v)
     _assert_holds(store, kids[0], torch.cat([k, k_new], 1), torch.cat([v, v_new], 1))
@@ -159,6 +160,29 @@ def test_evict_drops_oldest_non_sink_pages_without_copying():
     assert store.num_free_pages == 16 - 4
     store.append(seq, *_tokens(2, 12))
     assert store.positions(seq) == [0, 3, 4, 5]  # the tail filled up, absolute positions kept
+
+
+def test_drop_releases_named_pages_and_tracks_the_peak():
+    store = _store()
+    seq = store.new_sequence()
+    k, v = _tokens(24, 14)  # 6 full pages
+    store.append(seq, k, v)
+    other = store.fork(seq, 1)[0]
+    store.append(other, *_tokens(4, 15))  # one private page: 7 pages in use
+    assert store.peak_held_bytes == 7 * store.page_bytes
+    store.drop(seq, [1, 3, 5])  # holes in the middle, and the full tail page
+    assert store.positions(seq) == [0, 2, 4] and store.length(seq) == 12
+    kept = torch.cat([k[:, 0:4], k[:, 8:12], k[:, 16:20]], 1)
+    _assert_holds(store, seq, kept, torch.cat([v[:, 0:4], v[:, 8:12], v[:, 16:20]], 1))
+    store.reset_peak()
+    store.free(other)  # pages 1, 3, 5 and the private page had no other holder left
+    assert store.num_free_pages == 16 - 3 and store.peak_held_bytes == 7 * store.page_bytes
+    store.append(seq, *_tokens(2, 16))  # the next token goes to position 6 (absolute)
+    assert store.positions(seq) == [0, 2, 4, 6] and store.copied_bytes == 0
+    with pytest.raises(ValueError, match="partially filled tail page"):
+        store.drop(seq, [6])
+    with pytest.raises(IndexError, match="no page at position 1"):
+        store.drop(seq, [1])
 
 
 def test_snapshot_restore_and_free_everything():
