@@ -82,34 +82,54 @@ def time_ms(
     return statistics.median(times), q[0], q[3]
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated by one call of ``fn`` above what was allocated before it.
+class AllocationPeak:
+    """``with AllocationPeak(device) as peak: ...``; then ``peak.bytes``: the peak bytes
+    allocated inside the block above what was allocated when it began.
 
     CUDA: the caching allocator's peak statistic. CPU: the running sum of the profiler's
     allocation events (``profile_memory=True``), in time order.
     """
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.bytes = device, 0
+
+    def __enter__(self) -> AllocationPeak:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+            return
+        self._prof.__exit__(*exc)
+        events = [
+            e
+            for e in self._prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        ]
+        events.sort(key=lambda e: e.start_ns())
+        level = peak = 0
+        for e in events:
+            level += e.nbytes()
+            peak = max(peak, level)
+        self.bytes = peak
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by one call of ``fn`` above what was allocated before it
+    (:class:`AllocationPeak`)."""
+    with AllocationPeak(device) as peak:
         fn()
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    events.sort(key=lambda e: e.start_ns())
-    level = peak = 0
-    for e in events:
-        level += e.nbytes()
-        peak = max(peak, level)
-    return peak
+    return peak.bytes
 
 
 def git_sha() -> str:

@@ -131,6 +131,9 @@ def rollout_group(
     for r0 in range(0, G + 1, step):
         idx = rows_all[r0 : r0 + step]
         rows = cache.fork(snapshot, len(idx), lean=True)
+        for row, g in zip(rows, idx):
+            if routed and g < G:  # routed frames outlive a recache inside the window
+                cache.protect(row, plan.routed[g], until=plan.end_frame)
 
         def plans(frame, idx=idx):
             if not routed or not plan.in_window(frame):

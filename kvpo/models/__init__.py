@@ -35,9 +35,10 @@ S denoising steps; the model's dtype is that of its weights)::
   are evicted when the next view is built.
 """
 
+from kvpo.models.cache_policy import CachePolicy
 from kvpo.models.causal_wan import BlockContext, CausalWan, TextContext
 from kvpo.models.config import WAN_1_3B, WanConfig, tiny_config
-from kvpo.models.frame_cache import CachePolicy, FrameCache, PagedContext
+from kvpo.models.frame_cache import FrameCache, PagedContext
 from kvpo.models.sampler import (
     FewStepSampler,
     FlowSchedule,

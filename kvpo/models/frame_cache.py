@@ -38,72 +38,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvpo.models.cache_policy import CachePolicy
 from kvpo.models.config import WanConfig
 
 if TYPE_CHECKING:
     from kvpo_kernels.paged import Reservation
-
-
-@dataclass(frozen=True)
-class CachePolicy:
-    """Sizes of the cache, in latent frames (LongLive's defaults).
-
-    ``recache_size``: frames re-encoded at a prompt switch: None = ``local_attn_size`` (LongLive;
-    every frame with global attention), -1 = every frame before the switch, else that many (the
-    KVPO code's ``recache_full_kv_cache_after_switch`` uses ``resident_frames``).
-    """
-
-    sink_size: int = 3
-    local_attn_size: int = 12
-    resident_frames: int = 33
-    frames_per_block: int = 3
-    recache_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.frames_per_block < 1 or self.sink_size < 0:
-            raise ValueError(
-                f"need frames_per_block >= 1 and sink_size >= 0, got {self.frames_per_block} "
-                f"and {self.sink_size}"
-            )
-        if self.local_attn_size != -1 and self.local_attn_size < self.frames_per_block:
-            raise ValueError(
-                f"local_attn_size={self.local_attn_size} must be -1 (global) or at least "
-                f"frames_per_block={self.frames_per_block}"
-            )
-        if self.recache_size is not None and self.recache_size < 1 and self.recache_size != -1:
-            raise ValueError(f"recache_size must be None, -1 or >= 1, got {self.recache_size}")
-        if self.resident_frames != -1:
-            need = max(self.local_attn_size, self.sink_size + self.frames_per_block)
-            if self.local_attn_size == -1 or self.resident_frames < need:
-                raise ValueError(
-                    f"resident_frames={self.resident_frames} must be -1 (keep everything) or at "
-                    f"least local_attn_size={self.local_attn_size} and sink_size + "
-                    f"frames_per_block = {self.sink_size + self.frames_per_block} "
-                    "(global attention needs resident_frames=-1)"
-                )
-
-    def resident_start(self, start_frame: int, num_frames: int) -> int:
-        """First non-sink frame kept while the block ``[start_frame, +num_frames)`` runs."""
-        if self.resident_frames == -1:
-            return self.sink_size
-        capacity = self.resident_frames - self.sink_size
-        return max(self.sink_size, start_frame + num_frames - capacity)
-
-    def window(self, start_frame: int, num_frames: int) -> list[int]:
-        """Cached frames a block attends to by default (sink ++ newest), for local attention."""
-        if self.local_attn_size == -1:
-            raise ValueError("global attention attends to every resident frame; no fixed window")
-        sink = list(range(min(self.sink_size, start_frame)))
-        newest = self.local_attn_size - self.sink_size - num_frames
-        lo = max(self.sink_size, start_frame - max(newest, 0))
-        return sink + list(range(lo, start_frame))
-
-    def recache_frames(self, switch_frame: int) -> range:
-        """Frames re-encoded with the new prompt at a switch: the last ``recache_size``."""
-        size = self.local_attn_size if self.recache_size is None else self.recache_size
-        if size == -1:
-            return range(0, switch_frame)
-        return range(max(0, switch_frame - size), switch_frame)
 
 
 @dataclass
@@ -117,6 +56,8 @@ class _Segment:
 class _Row:
     segments: list[_Segment] = field(default_factory=list)
     lean: bool = False
+    protected: frozenset[int] = frozenset()  # frames a lean row keeps for views before ...
+    protect_until: int = 0  # ... this frame (its routed frames, through a recache)
 
 
 @dataclass
@@ -230,6 +171,12 @@ class FrameCache:
 
     def rows(self) -> list[int]:
         return list(self._rows)
+
+    def protect(self, row: int, frames: Sequence[int], until: int) -> None:
+        """Lean ``row`` keeps ``frames`` (e.g. its routed frames) through every view of a block
+        starting before frame ``until``, whatever those views read (a recache reads none)."""
+        state = self._get(row)
+        state.protected, state.protect_until = frozenset(int(f) for f in frames), int(until)
 
     def retain(self, row: int, frames: Sequence[int]) -> None:
         """Release every frame of ``row`` that is not in ``frames`` (the row keeps no others)."""
@@ -377,6 +324,8 @@ class FrameCache:
     def _trim_lean(self, state: _Row, plan, start_frame: int, num_frames: int):
         """A lean row's release before the view of block ``[start_frame, +num_frames)``."""
         policy, read = self.policy, set(plan)
+        if start_frame < state.protect_until:
+            read |= state.protected
         newest = max(policy.local_attn_size - policy.sink_size - num_frames, 0)
         floor = start_frame - newest if policy.local_attn_size != -1 else 0
 

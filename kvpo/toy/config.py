@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvpo.models.cache_policy import CachePolicy
 from kvpo.models.config import WanConfig, tiny_config
-from kvpo.models.frame_cache import CachePolicy
 from kvpo.toy.world import WorldConfig
 
 

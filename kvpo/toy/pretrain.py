@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvpo.models.frame_cache import CachePolicy
+from kvpo.models.cache_policy import CachePolicy
 from kvpo.outputs.progress import Progress
 from kvpo.toy.config import TOY
 from kvpo.toy.model import WEIGHTS_DIR, ToyModel, save_toy_model

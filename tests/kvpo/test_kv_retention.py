@@ -1,9 +1,10 @@
 """K/V held by a group rollout at LongLive's cache layout: bounded by what attention reads.
 
 Layout: sink 3, local window 12, 33 resident frames, blocks of 3, P = 5 routed blocks, m = 4,
-G = 8 branches + the anchor, 72 latent frames with prompt switches at 39 and 57 (recache of the
-last 12 frames at each). The bound is counted here from the layout, not from the cache's code:
-the shared history (sink, the default window at the fork, every branch's routed frames) plus
+G = 8 branches + the anchor, 72 latent frames with prompt switches at 30 and 57 (recache of the
+last 12 frames at each): the window from frame 24 has a switch inside it, the one from frame 42
+a switch in the prefix and one in the continuation. The bound is counted here from the layout,
+not from the cache's code: the shared history (sink, the default window at the fork, every branch's routed frames) plus
 ``local_attn_size`` frames per row in flight. Outputs are checked against rows generated from
 frame 0 in a plain (non-lean) cache.
 """
@@ -26,7 +27,7 @@ from kvpo.rewards.clips import VideoLayout
 from kvpo.streaming import StreamingGenerator, VideoNoise
 from kvpo.video_model import VideoModel
 
-T, SWITCHES, G = 72, (39, 57), 8
+T, SWITCHES, G = 72, (30, 57), 8
 SINK, LOCAL, RESIDENT, F = 3, 12, 33, 3
 POLICY = CachePolicy(sink_size=SINK, local_attn_size=LOCAL, resident_frames=RESIDENT)
 GEOMETRY = RoutingGeometry(F, SINK, LOCAL, RESIDENT, 4, 5)

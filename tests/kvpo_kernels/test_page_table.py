@@ -138,7 +138,7 @@ def test_store_page_table_select_errors_and_evicted_positions():
 
 def test_frame_cache_views_keep_their_tables():
     """Replay pins a view per block and runs their backwards after building later views."""
-    from kvpo.models.frame_cache import CachePolicy, FrameCache
+    from kvpo.models import CachePolicy, FrameCache
 
     store = PagedKVStore(L, 16, S, H, D)
     policy = CachePolicy(sink_size=0, local_attn_size=-1, resident_frames=-1, frames_per_block=3)

@@ -1,0 +1,67 @@
+"""Sizes of a frame cache, in latent frames: sink, attention window, residency, recache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Sizes of the cache, in latent frames (LongLive's defaults).
+
+    ``recache_size``: frames re-encoded at a prompt switch: None = ``local_attn_size`` (LongLive;
+    every frame with global attention), -1 = every frame before the switch, else that many (the
+    KVPO code's ``recache_full_kv_cache_after_switch`` uses ``resident_frames``).
+    """
+
+    sink_size: int = 3
+    local_attn_size: int = 12
+    resident_frames: int = 33
+    frames_per_block: int = 3
+    recache_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.frames_per_block < 1 or self.sink_size < 0:
+            raise ValueError(
+                f"need frames_per_block >= 1 and sink_size >= 0, got {self.frames_per_block} "
+                f"and {self.sink_size}"
+            )
+        if self.local_attn_size != -1 and self.local_attn_size < self.frames_per_block:
+            raise ValueError(
+                f"local_attn_size={self.local_attn_size} must be -1 (global) or at least "
+                f"frames_per_block={self.frames_per_block}"
+            )
+        if self.recache_size is not None and self.recache_size < 1 and self.recache_size != -1:
+            raise ValueError(f"recache_size must be None, -1 or >= 1, got {self.recache_size}")
+        if self.resident_frames != -1:
+            need = max(self.local_attn_size, self.sink_size + self.frames_per_block)
+            if self.local_attn_size == -1 or self.resident_frames < need:
+                raise ValueError(
+                    f"resident_frames={self.resident_frames} must be -1 (keep everything) or at "
+                    f"least local_attn_size={self.local_attn_size} and sink_size + "
+                    f"frames_per_block = {self.sink_size + self.frames_per_block} "
+                    "(global attention needs resident_frames=-1)"
+                )
+
+    def resident_start(self, start_frame: int, num_frames: int) -> int:
+        """First non-sink frame kept while the block ``[start_frame, +num_frames)`` runs."""
+        if self.resident_frames == -1:
+            return self.sink_size
+        capacity = self.resident_frames - self.sink_size
+        return max(self.sink_size, start_frame + num_frames - capacity)
+
+    def window(self, start_frame: int, num_frames: int) -> list[int]:
+        """Cached frames a block attends to by default (sink ++ newest), for local attention."""
+        if self.local_attn_size == -1:
+            raise ValueError("global attention attends to every resident frame; no fixed window")
+        sink = list(range(min(self.sink_size, start_frame)))
+        newest = self.local_attn_size - self.sink_size - num_frames
+        lo = max(self.sink_size, start_frame - max(newest, 0))
+        return sink + list(range(lo, start_frame))
+
+    def recache_frames(self, switch_frame: int) -> range:
+        """Frames re-encoded with the new prompt at a switch: the last ``recache_size``."""
+        size = self.local_attn_size if self.recache_size is None else self.recache_size
+        if size == -1:
+            return range(0, switch_frame)
+        return range(max(0, switch_frame - size), switch_frame)
