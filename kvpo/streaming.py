@@ -10,8 +10,8 @@ layout (frames and prompt-switch frames). The group rollout, the replay, held-ou
   ``[S - 1, 1, C, T, H, W]`` (device independent). Seeds: :func:`group_seed` for a training
   group, :func:`heldout_seed` for a held-out ``(prompt, seed)`` pair, the user's seed when
   sampling.
-- **page budget**: :meth:`StreamingGenerator.pages_for` rows (each row's resident frames, a
-  prompt-switch recache segment and one block in flight, plus one row for a fork snapshot).
+- **page budget**: :meth:`StreamingGenerator.pages_for`: the fork snapshot's resident frames
+  plus, per row alive at once, what a lean row can hold (:mod:`kvpo.models.frame_cache`).
 
 Prompt segments are passed as one :class:`~kvpo.models.TextContext` per segment; segment ``k + 1``
 starts at ``layout.switches[k]`` (latent frames).
@@ -93,6 +93,8 @@ class StreamingGenerator:
         layout: frames of a video and its prompt-switch frames, in latent frames.
         context_timestep: timestep of the context pass that writes a block's K/V.
         rows: cache rows alive at once (a micro-batch of rows); sizes the page pool.
+        window_frames: frames a replay records from the fork (the policy window); sizes the
+            page pool (a grad replay keeps every block's view of them until the backward).
         backend: kvpo_kernels backend of the cache (None: auto).
 
     ``context_hook`` (None): when set, wraps every block's denoising view
@@ -110,6 +112,7 @@ class StreamingGenerator:
         layout: VideoLayout,
         context_timestep: float = 0.0,
         rows: int = 1,
+        window_frames: int = 0,
         backend: str | None = None,
     ) -> None:
         self.model, self.wan = model, model.wan
@@ -121,19 +124,27 @@ class StreamingGenerator:
         self.cache = FrameCache.create(
             self.wan.config,
             policy,
-            self.pages_for(policy, rows),
+            self.pages_for(policy, rows, window_frames),
             dtype=self.wan.dtype,
             device=self.wan.device,
             backend=backend,
         )
 
     @staticmethod
-    def pages_for(policy: CachePolicy, rows: int) -> int:
-        """Pages for ``rows`` rows alive at once plus a fork snapshot: each row holds its
-        resident frames, a prompt-switch recache segment and a block in flight."""
-        window = policy.local_attn_size if policy.local_attn_size > 0 else policy.resident_frames
-        per_row = policy.resident_frames + window + 2 * policy.frames_per_block
-        return per_row * (rows + 1)
+    def pages_for(policy: CachePolicy, rows: int, window_frames: int = 0) -> int:
+        """Pages for the fork snapshot (its resident frames and a block in flight) plus ``rows``
+        lean rows alive at once, each holding at most its recorded window's frames (a grad
+        replay's pinned views; at least ``local_attn_size``), a recache's re-encoded frames
+        and a block in flight. Global attention or a full recache keeps every frame:
+        ``resident_frames + window + 2F`` per row, the snapshot included."""
+        F = policy.frames_per_block
+        if policy.resident_frames == -1 or policy.recache_size == -1:
+            local, resident = policy.local_attn_size, policy.resident_frames
+            window = local if local > 0 else resident
+            return (resident + window + 2 * F) * (rows + 1)
+        recache = policy.local_attn_size if policy.recache_size is None else policy.recache_size
+        per_row = max(window_frames, policy.local_attn_size) + recache + F
+        return policy.resident_frames + F + rows * per_row
 
     @property
     def schedule(self) -> FlowSchedule:
@@ -231,7 +242,7 @@ class StreamingGenerator:
             raise ValueError(f"need one seed per video, got {len(sequences)} and {len(seeds)}")
         texts = self.batch_texts(sequences)
         noise = VideoNoise.stack([self.noise(s) for s in seeds])
-        rows = self.cache.new_rows(len(seeds))
+        rows = self.cache.new_rows(len(seeds), lean=True)
         try:
             out = self.generate(rows, texts, noise, 0, self.layout.num_frames)
         finally:
@@ -250,5 +261,6 @@ def stream_from_config(model: VideoModel, cfg, rows: int) -> StreamingGenerator:
         layout=cfg.latent_layout(),
         context_timestep=float(cfg.context_noise),
         rows=rows,
+        window_frames=cfg.policy_window_frames or cfg.routing_geometry().window_frames,
         backend=None if cfg.kernel_backend == "auto" else cfg.kernel_backend,
     )
