@@ -131,7 +131,7 @@ keep attn benchmarks/results/routed_attention-cuda.json
 
 # 5. one real-architecture training step at the full latent, memory against the planner
 part step 150 '$PY -m benchmarks.wan_step --device cuda --dtype bfloat16 --layers 30 \
-  --latent 16x60x104 --out "$KVPO_GPU_WORK/wan_step"'
+  --latent 16x60x104 --frames 39 --switches 15 27 --out "$KVPO_GPU_WORK/wan_step"'
 keep step "$work/wan_step/wan_step-cuda.json"
 
 # 6. TVE energies against eager and torch.compile, then page copies against copy bandwidth
