@@ -6,6 +6,7 @@
     kvpo pretrain [key=value ...]                                             the toy model
     kvpo study    [--config X.yaml] [--prompts N] [key=value ...]             exploration study
     kvpo reward-server scorer=NAME path=CKPT port=P                           a reward server
+    kvpo plan     [--config X.yaml] --gpu-memory 80GiB [key=value ...]        memory per phase
 
 One override convention for every job: ``key=value`` words. For ``train``, ``evaluate`` and
 ``study`` the keys are the trainer's config keys (``kvpo train --help`` lists them; dotted for
@@ -39,6 +40,11 @@ JOBS = {
     "study": (
         "kvpo.study.command",
         "KV routing against noise-based exploration, measured side by side",
+        False,
+    ),
+    "plan": (
+        "kvpo.plan",
+        "predicted peak GPU memory per phase, and the row_micro_batch that fits",
         False,
     ),
 }

@@ -100,7 +100,11 @@ class TrainConfig:
         "generator_ckpt; local files only",
     )
     device: str = _f("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'")
-    dtype: str = _f("float32", "compute dtype", choices=("float32", "bfloat16", "float16"))
+    dtype: str = _f(
+        "auto",
+        "compute dtype; 'auto': bfloat16 for a Wan checkpoint on CUDA, else float32 (toy, CPU)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     kernel_backend: str = _f(
         "auto", "kvpo_kernels backend", choices=("auto", "torch", "triton", "cpp")
     )
@@ -160,7 +164,9 @@ class TrainConfig:
     initial_noise_mix: float = _f(
         0.3, "initial_noise: s of the branch noise sqrt(1 - s^2) eps + s delta_g (fork chunk)"
     )
-    row_micro_batch: int = _f(0, "rows (branches + anchor) per forward; 0 = all at once")
+    row_micro_batch: int | str = _f(
+        0, "rows (branches + anchor) per forward; 0 = all; 'auto' = the memory planner's choice"
+    )
     # rewards and advantages
     reward_model: str = _f(
         "toy",
@@ -276,15 +282,16 @@ class TrainConfig:
 
     @property
     def rows_per_batch(self) -> int:
-        """Cache rows alive at once (rollout, replays, evaluation): ``row_micro_batch`` or
-        G + 1."""
-        return min(self.row_micro_batch or self.K + 1, self.K + 1)
+        """Rows alive at once (rollout, replays, evaluation): ``row_micro_batch`` or G + 1."""
+        from kvpo.training.config_parse import row_micro_batch
+
+        return min(row_micro_batch(self) or self.K + 1, self.K + 1)
 
     @property
     def torch_dtype(self):
-        import torch
+        from kvpo.training.config_parse import torch_dtype
 
-        return getattr(torch, self.dtype)
+        return torch_dtype(self)
 
     # ---------------------------------------------------------------- typed views
     def cache_policy(self):

@@ -48,6 +48,10 @@ def _unknown(key: str, cls, prefix: str) -> ConfigError:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and set(args) == {int, str}:
+        if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+            return value.strip()  # a word such as 'auto' (validation checks which)
+        return _coerce(value, int, key)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             return None
@@ -208,3 +212,47 @@ def choices(cls=None, prefix: str = "") -> dict[str, tuple]:
         if dataclasses.is_dataclass(default):
             out.update(choices(type(default), prefix + f.name + "."))
     return out
+
+
+# ---------------------------------------------------------------------- values resolved at start
+def is_wan_checkpoint(cfg: TrainConfig) -> bool:
+    """Whether ``generator_ckpt`` names a Wan checkpoint (not empty, not a toy-format dir)."""
+    from kvpo.training.validation import is_toy_dir
+
+    return cfg.generator_ckpt is not None and not is_toy_dir(cfg.generator_ckpt)
+
+
+def device_type(cfg: TrainConfig) -> str:
+    """``"cuda"`` or ``"cpu"``: where ``cfg.device`` runs on this machine."""
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(cfg.device).type
+
+
+def resolved_dtype(cfg: TrainConfig, device: str | None = None) -> str:
+    """``cfg.dtype`` with ``auto`` resolved for a ``device`` (``"cuda"`` / ``"cpu"``; default:
+    this machine's): bfloat16 for a Wan checkpoint on CUDA (the weights' own dtype), else
+    float32 (the toy model; CPUs, where bf16 matmuls are slow)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    device = device or device_type(cfg)
+    return "bfloat16" if device == "cuda" and is_wan_checkpoint(cfg) else "float32"
+
+
+def torch_dtype(cfg: TrainConfig):
+    """The torch dtype of :func:`resolved_dtype` on this machine."""
+    import torch
+
+    return getattr(torch, resolved_dtype(cfg))
+
+
+def row_micro_batch(cfg: TrainConfig) -> int:
+    """``cfg.row_micro_batch`` as a number: ``auto`` is the memory planner's choice for this
+    machine (:func:`kvpo.planning.choose.auto_row_micro_batch`)."""
+    if cfg.row_micro_batch == "auto":
+        from kvpo.planning.choose import auto_row_micro_batch
+
+        return auto_row_micro_batch(cfg).row_micro_batch
+    return int(cfg.row_micro_batch)

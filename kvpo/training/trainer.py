@@ -30,6 +30,7 @@ from kvpo.outputs.loggers import MetricsLogger, read_metrics
 from kvpo.outputs.media import branch_grid, branch_labels, side_by_side, write_video
 from kvpo.outputs.plots import write_reward_curve, write_training_curves
 from kvpo.outputs.progress import Progress
+from kvpo.planning.choose import start_config
 from kvpo.rewards.registry import resolve_reward, reward_options
 from kvpo.training.checkpoint import capture_rng, export_adapter, resolve_checkpoint
 from kvpo.training.config import TrainConfig
@@ -74,9 +75,14 @@ def build_learner(
                 cfg.data_path, cfg.eval_data_path, num_segments=len(cfg.switch_frames) + 1,
                 eval_prompts=cfg.eval_prompts, seed=cfg.seed,
             )  # fmt: skip
+    model = model or load_video_model(cfg, info.device)
+    # row_micro_batch: auto -> the memory planner's choice for this device (one printed line)
+    cfg = start_config(
+        cfg, info.device, model.wan.config, log=print if info.is_main else (lambda _: None)
+    )
     return Learner(
         cfg,
-        model or load_video_model(cfg, info.device),
+        model,
         info,
         reward=resolve_reward(
             reward if reward is not None else cfg.reward_model, **reward_options(cfg)

@@ -53,7 +53,11 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.eval_seeds >= 1, f"eval_seeds must be >= 1, got {cfg.eval_seeds}")
     need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
-    need(cfg.row_micro_batch >= 0, f"row_micro_batch must be >= 0, got {cfg.row_micro_batch}")
+    rows = cfg.row_micro_batch
+    need(
+        rows == "auto" or (isinstance(rows, int) and rows >= 0),
+        f"row_micro_batch must be an integer >= 0 or 'auto', got {rows!r}",
+    )
     need(cfg.progress_interval >= 1, f"progress_interval must be >= 1, got {cfg.progress_interval}")
     need(cfg.train_local or cfg.train_global, "train_local and train_global are both false")
     steps = cfg.denoising_step_list

@@ -1,0 +1,272 @@
+"""Peak device memory of one training step, per phase, for one ``row_micro_batch``.
+
+A phase's peak is what stays resident for the whole run (weights, adapters, optimiser state,
+the K/V page pool, the previous step's decoded videos, ...) plus the step's data plus what the
+phase itself allocates at its worst moment. Every line carries its *basis*:
+
+- ``derived``: counted from shapes and the code's allocation pattern (exact up to small
+  tensors; the activation counts are checked against the allocator by the tests);
+- ``code``: a size the code sets (the page pool: ``StreamingGenerator.pages_for``);
+- ``scaled``: measured on a CPU at a reduced size and scaled (the Wan VAE's decode);
+- ``estimate``: a round figure, not derived (a reward backbone's activations).
+
+The formulas are documented in ``docs/memory.md`` and :mod:`kvpo.planning.activations`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvpo.method.routing import eligible_start_blocks
+from kvpo.planning.activations import ForwardModel
+from kvpo.planning.components import lora_parameters, transformer_bytes
+from kvpo.planning.externals import Setup, reward_footprint, text_encoder_bytes, vae_bytes
+from kvpo.training.config import TrainConfig
+
+VAE_DECODE_ELEMENTS_PER_PIXEL = 5300
+"""Wan VAE decode working set per output pixel of one frame, in elements of the VAE's dtype:
+measured on a CPU in fp32 at 64x64 and 128x128 pixels (20.4 - 21.1 KB per pixel, linear in the
+pixel count, nearly flat in the number of frames), beyond the decoded video itself."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """One memory consumer: ``what``, its bytes, its basis (module docstring), a note."""
+
+    what: str
+    bytes: int
+    basis: str = "derived"
+    note: str = ""
+
+
+@dataclass
+class Phase:
+    """The lines a phase adds to the resident set at its worst moment."""
+
+    name: str
+    lines: list[Line]
+
+    @property
+    def bytes(self) -> int:
+        return sum(line.bytes for line in self.lines)
+
+
+@dataclass
+class MemoryPlan:
+    """The predicted memory of one training step at ``row_micro_batch`` (0: all rows)."""
+
+    row_micro_batch: int
+    rows: int
+    resident: list[Line]
+    phases: list[Phase]
+    kv_held: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(line.bytes for line in self.resident)
+
+    def total(self, phase: Phase) -> int:
+        return self.resident_bytes + phase.bytes
+
+    @property
+    def peak(self) -> tuple[str, int]:
+        """``(phase name, bytes)`` of the largest phase."""
+        worst = max(self.phases, key=self.total)
+        return worst.name, self.total(worst)
+
+
+# ---------------------------------------------------------------------- K/V
+def snapshot_frames(cfg: TrainConfig, fork: int) -> int:
+    """Frames of the fork snapshot: the sink plus the frames the routing pool and the replay
+    can still read, ``sink + (fork - max(sink, fork + P F - (resident - sink)))``."""
+    sink, R = cfg.model_kwargs.sink_size, cfg.resident_frames
+    window = cfg.perturb_num_blocks * cfg.num_frame_per_block
+    return min(sink, fork) + max(0, fork - max(sink, fork + window - (R - sink)))
+
+
+def kv_held_frames(cfg: TrainConfig, rows: int, fork: int) -> dict[str, int]:
+    """Most frames of K/V held during each rollout phase, ``rows`` rows in flight, fork at
+    ``fork``: the prefix row (``min(fork, resident)``), then the snapshot plus each live row's
+    private frames. A row keeps at most ``local_attn_size`` frames besides what it shares; its
+    sink stays shared unless a prompt switch re-encodes the window (a recache writes
+    ``local_attn_size`` frames), so the private frames are ``local_attn_size - sink`` in a phase
+    without a switch and ``local_attn_size`` in one with (``resident`` for a global window)."""
+    local, sink = cfg.model_kwargs.local_attn_size, cfg.model_kwargs.sink_size
+    if local <= 0:
+        local, sink = cfg.resident_frames, 0
+    end = fork + cfg.perturb_num_blocks * cfg.num_frame_per_block
+    switches = cfg.switch_frames
+    in_window = any(fork < s < end for s in switches)
+    after = (
+        any(end <= s < cfg.streaming_max_length for s in switches) if cfg.train_global else False
+    )
+    shared = snapshot_frames(cfg, fork)
+    return {
+        "prefix": min(fork, cfg.resident_frames),
+        "window": shared + rows * (local if in_window else local - sink),
+        "continuation": shared + rows * (local if after or in_window else local - sink),
+    }
+
+
+def pool_pages(cfg: TrainConfig, rows: int) -> int:
+    """Pages of the preallocated pool for ``rows`` rows in flight: the code's own rule
+    (``StreamingGenerator.pages_for``, with the policy window when it takes one)."""
+    import inspect
+
+    from kvpo.streaming import StreamingGenerator
+
+    kwargs = {}
+    if "window_frames" in inspect.signature(StreamingGenerator.pages_for).parameters:
+        kwargs["window_frames"] = cfg.policy_window_frames or cfg.routing_geometry().window_frames
+    return StreamingGenerator.pages_for(cfg.cache_policy(), rows, **kwargs)
+
+
+# ---------------------------------------------------------------------- the plan
+def plan_memory(cfg: TrainConfig, setup: Setup, row_micro_batch: int | None = None) -> MemoryPlan:
+    """The :class:`MemoryPlan` of ``cfg`` on ``setup`` at ``row_micro_batch`` (default: the
+    config's own value; 0 = all ``G + 1`` rows)."""
+    rmb = cfg.row_micro_batch if row_micro_batch is None else row_micro_batch
+    if not isinstance(rmb, int):
+        raise ValueError(f"plan_memory needs an integer row_micro_batch, got {rmb!r}")
+    G, model, e = cfg.K, setup.model, setup.element_size
+    rows = min(rmb or G + 1, G + 1)
+    fwd = ForwardModel(model, e, cfg.adapter.rank, _targets(cfg), setup.text_len)
+    F, S = cfg.num_frame_per_block, len(cfg.denoising_step_list)
+    blocks = max(cfg.policy_window_frames, cfg.perturb_num_blocks * F) // F
+    page = model.kv_bytes_per_frame(e)
+    reward = reward_footprint(cfg, setup)
+    video = setup.video(cfg.streaming_max_length)  # one decoded video, elements
+    notes = list(setup.notes) + list(reward.notes)
+
+    lora = lora_parameters(model, cfg.adapter.rank, _targets(cfg))
+    resident = [
+        Line("transformer weights", transformer_bytes(model, e), note=setup.model_note),
+        Line("LoRA adapters: trained + frozen old copy", 2 * lora * e, note=f"{lora:,} each"),
+        Line("LoRA gradients", lora * e),
+        Line("AdamW moments (2 per parameter)", 2 * lora * e),
+    ]
+    if cfg.ema_decay > 0:
+        resident.append(Line("EMA of the adapter (fp32)", lora * 4))
+    pages = pool_pages(cfg, rows)
+    resident.append(
+        Line(
+            "K/V page pool (preallocated)",
+            pages * page,
+            "code",
+            f"{pages} pages x {page / 2**20:.1f} MiB",
+        )  # fmt: skip
+    )
+    if setup.wan:
+        resident.append(Line("text encoder umT5-XXL", text_encoder_bytes(e)))
+        resident.append(Line("VAE weights", vae_bytes(e)))
+    if reward.weights and not cfg.reward_offload:
+        resident.append(Line(f"reward model {cfg.reward_model}", reward.weights, note=reward.what))
+    resident.append(
+        Line(
+            "decoded videos of the last step (fp32)",
+            (G + 1) * video * 4,
+            note="Learner.last_videos, on the device until the next step's are decoded",
+        )  # fmt: skip
+    )
+
+    segments = len(cfg.switch_frames) + 1
+    latent = model.in_channels * model.latent_height * model.latent_width * e  # per frame
+    videos = (G + 1) * cfg.streaming_max_length * latent
+    step_data = [
+        Line("rollout latents (all rows)", videos),
+        Line("recorded z, u of the policy blocks", 2 * G * blocks * S * F * latent),
+    ]
+    text = Line("prompt contexts (no grad)", fwd.text_bytes(segments, grad=False))
+    joined = Line("rollout latents: the rows' parts before torch.cat", videos)
+    phases = [Phase("rollout", step_data + [joined, text, _nograd(fwd, rows, F)])]
+    phases += _reward_phases(cfg, setup, reward, step_data, video)
+    replay_rows = min(rows, G)
+    preds = 2 * blocks * S * fwd.output_bytes(replay_rows, F)
+    phases.append(
+        Phase(
+            "replay_old / replay_ref",
+            step_data + [text, Line("replay predictions", preds), _nograd(fwd, replay_rows, F)],
+        )  # fmt: skip
+    )
+    grad_rows = min(rmb or G, G)  # Learner.policy_gradients' chunk
+    phases.append(_grad_phase(cfg, fwd, step_data, segments, blocks, grad_rows))
+    phases.append(
+        Phase("update", [Line("AdamW step (foreach): sqrt of the 2nd moments", lora * e,
+                              note="CUDA's multi-tensor AdamW; the CPU's loop allocates less")])
+    )  # fmt: skip
+
+    forks = [s.start_frame for s in eligible_start_blocks(
+        cfg.routing_geometry(), cfg.chunks(), cfg.perturb_within_first_x_chunks)]  # fmt: skip
+    per_fork = [kv_held_frames(cfg, rows, f) for f in forks or [cfg.model_kwargs.local_attn_size]]
+    held = {k: max(h[k] for h in per_fork) * page for k in per_fork[0]}  # the worst fork
+    if max(held.values()) > pages * page:
+        notes.append(
+            f"the K/V held at its peak ({max(held.values()) // page} frames) exceeds the pool "
+            f"({pages} pages)"
+        )
+    return MemoryPlan(rmb, rows, resident, phases, held, notes)
+
+
+def _targets(cfg: TrainConfig) -> tuple[str, ...] | None:
+    return tuple(cfg.adapter.target_modules) or None
+
+
+def _nograd(fwd: ForwardModel, rows: int, frames: int) -> Line:
+    return Line(
+        f"no-grad forward, {rows} rows x {frames} frames", fwd.nograd_peak(rows, frames),
+        note=f"{fwd.tokens(rows, frames):,} tokens",
+    )  # fmt: skip
+
+
+def _grad_phase(cfg, fwd: ForwardModel, step_data, segments, blocks, g) -> Phase:
+    F, S = cfg.num_frame_per_block, len(cfg.denoising_step_list)
+    ckpt = cfg.gradient_checkpointing
+    calls = blocks * cfg.log_prob_grad_steps
+    lines = list(step_data)
+    lines.append(Line("prompt contexts (with grad)", fwd.text_bytes(segments, grad=True)))
+    if calls == 0:
+        return Phase("replay_grad", lines)
+    per_call = fwd.saved(g, F, ckpt) + fwd.output_bytes(g, F)
+    how = "with" if ckpt else "without"
+    lines.append(
+        Line(
+            f"saved activations {how} checkpointing: {calls} calls x {g} rows",
+            calls * per_call,
+            note=f"{blocks} blocks x log_prob_grad_steps {cfg.log_prob_grad_steps}",
+        )  # fmt: skip
+    )
+    lines.append(Line("backward working set (one call)", fwd.backward_working_set(g, F, ckpt)))
+    lines.append(Line("replay predictions", 2 * blocks * S * fwd.output_bytes(g, F)))
+    return Phase("replay_grad", lines)
+
+
+def _reward_phases(cfg, setup: Setup, reward, step_data, video: int) -> list[Phase]:
+    """Decoding all rows, then scoring them (the previous step's videos are still held)."""
+    G, e = cfg.K, setup.element_size
+    rows = G + 1
+    if setup.wan:
+        ws = VAE_DECODE_ELEMENTS_PER_PIXEL * setup.pixels * e + 2 * video * e
+        during = (G * video * e) + ws
+        at_cat = rows * video * e + 2 * rows * video * 4
+        decode = [
+            Line("decoded videos in the VAE dtype (all rows)", rows * video * e),
+            Line("fp32 copies + their torch.cat (all rows)", 2 * rows * video * 4,
+                 note="kvpo.video_model: [((v.float() + 1) / 2) for v in videos], then cat"),
+        ]  # fmt: skip
+        if during > at_cat:  # the last video's decode, not the fp32 conversion, is the peak
+            decode = [
+                Line("decoded videos in the VAE dtype (the rows before the last)", G * video * e),
+                Line("VAE decode working set (one video)", ws, "scaled"),
+            ]
+    else:
+        decode = [Line("decoded videos, fp32 (toy: (x + 1) / 2, clamped)", 2 * rows * video * 4)]
+    score = [Line("decoded videos of this step (fp32)", rows * video * 4)]
+    if reward.weights and cfg.reward_offload:
+        score.append(Line(f"reward model {cfg.reward_model} (offloaded between calls)",
+                          reward.weights, note=reward.what))  # fmt: skip
+    score += reward.working
+    return [
+        Phase("rewards: decode", step_data + decode),
+        Phase("rewards: score", step_data + score),
+    ]
