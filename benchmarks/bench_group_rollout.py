@@ -1,9 +1,12 @@
 """Group rollout with the causal Wan model: G = 8 routed branches + 1 anchor over a shared history.
 
-The history (``HISTORY`` frames) is generated once and shared; then every row generates the
-routed window (``WINDOW`` blocks of 3 frames, 4 denoising steps + a context pass per block). Row
-``g < G`` attends to sink ++ 5 random older frames ++ the nearest frames; the anchor to the
-default sink + window. Providers, measured in the same run on the same weights, noise and plans:
+LongLive's layout: sink 3, window 12, 33 resident frames, blocks of 3, P = 5 routed blocks. The
+history (``HISTORY`` = 18 frames, so that history and window fill the reference's 33-frame
+cache exactly and it never rolls) is generated once and shared; then every row generates the
+routed window (``WINDOW`` = 5 blocks of 3 frames, 4 denoising steps + a context pass per
+block). Row ``g < G`` attends to sink ++ 5 random older frames ++ the nearest frames; the anchor
+to the default sink + window. Providers, measured in the same run on the same weights, noise and
+plans:
 
 - ``sequential restore`` (baseline, the reference implementation's way, as in the KVPO authors'
   LongLive code: ``trainer/kvpo.py`` rollout, ``pipeline/diversity_sampling.py`` save/restore,
@@ -17,7 +20,8 @@ default sink + window. Providers, measured in the same run on the same weights, 
   history, one forward per step for all rows.
 - ``paged shared (ours)``: rows forked from the history in a ``PagedKVStore`` (no K/V copies),
   one forward per step for all G + 1 rows through ``routed_attention`` reading pages in place;
-  branch frames go to private pages.
+  branch frames go to private pages; the history is trimmed to the frames the rows read and
+  the rows are lean (they release frames no later view reads), as in the trainer.
 - ``paged, one row at a time (ours)``: each row forked, generated and freed in turn (least
   memory: the history once plus one row's private frames; no copies).
 
@@ -47,7 +51,7 @@ from kvpo.models import WAN_1_3B, CachePolicy, FewStepSampler, FrameCache, gener
 from kvpo.models.causal_wan import CausalWan
 
 SUITE = "group_rollout"
-G, HISTORY, WINDOW = 8, 24, 2
+G, HISTORY, WINDOW = 8, 18, 5
 POLICY = CachePolicy(sink_size=3, local_attn_size=12, resident_frames=33, frames_per_block=3)
 CONFIGS = {
     "tiny": tiny_config(),
@@ -278,6 +282,8 @@ def test_group_rollout(recorder, device, size, one_cpu_thread):
             k.append(kv[:, 0].flatten(0, 1)[None].cpu())  # the snapshot lives on the host
             v.append(kv[:, 1].flatten(0, 1)[None].cpu())
     history = DenseCache(k, v, range(HISTORY), per_frame)
+    read = {f for frame_plans in plans.values() for plan in frame_plans for f in plan}
+    cache.retain(root, sorted(f for f in read if f < HISTORY))  # what the rows read
     frame_bytes = 2 * cfg.num_layers * per_frame * cfg.dim * cache.store.pool.element_size()
 
     def sequential():
@@ -288,12 +294,13 @@ def test_group_rollout(recorder, device, size, one_cpu_thread):
 
     def paged(group):
         """Rows ``group`` forked from the history and generated in one batch."""
-        rows = cache.fork(root, len(group))
+        rows = cache.fork(root, len(group), lean=True)
+        cache.store.reset_peak()
         gen = generate(
             model, cache, rows, text, noise[group], renoise=renoise[:, group],
             start_frame=HISTORY, plans=lambda f0: [plans[f0][g] for g in group],
         )  # fmt: skip
-        held = cache.held_bytes
+        held = cache.store.peak_held_bytes
         cache.free(rows)
         return gen.latents, held
 
