@@ -12,12 +12,19 @@ code's convention).
 
 Prompt files:
 
-Two formats, chosen by the file's suffix:
+Formats, chosen by the file's suffix and, for ``.txt``, by each line:
 
 - ``.txt``: one video per non-empty line; its segments separated by ``" | "``; lines starting
   with ``#`` are comments. ``a red circle moves left | a blue circle moves up``
+- ``.txt``, bracket lines (the KVPO authors' formatted prompt files): an optional count and a
+  comma, then one ``[...]`` field per segment: ``2,[a red circle moves left],[it moves up]``
+  (brackets may nest inside a field; a line ``0,`` is skipped). Text outside the brackets other
+  than commas, or an unbalanced bracket, is an error naming the line.
 - ``.jsonl``: one JSON object per line with a ``"prompts"`` list of segment strings (the
   LongLive/MemFlow KVPO data format). ``{"prompts": ["a red circle moves left", "..."]}``
+
+Segment filters (the authors' ``prompt_min_segments`` / ``prompt_max_segments``): sequences
+are cut to ``keep_segments`` segments, then those with fewer than ``min_segments`` dropped.
 
 Segment ``i`` conditions the frames from the ``i``-th switch frame on (``switch_frame_indices``);
 a sequence may have fewer segments than the video has (the last one continues) but not more.
@@ -26,6 +33,7 @@ a sequence may have fewer segments than the video has (the last one continues) b
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +43,26 @@ import numpy as np
 from kvpo.training.distributed import rank_seed
 
 FORMATS = (".txt", ".jsonl")
+ORDERS = ("random", "sweep")
+_COUNT = re.compile(r"^\s*(\d+)\s*,(.*)$")
 
 
 class PromptFileError(ValueError):
     """A prompt file that does not follow one of the two formats."""
 
 
-def load_prompt_file(path: str | Path, max_segments: int | None = None) -> list[list[str]]:
-    """Read ``path`` -> a list of prompt sequences (lists of segment strings)."""
+def load_prompt_file(
+    path: str | Path,
+    max_segments: int | None = None,
+    *,
+    min_segments: int | None = None,
+    keep_segments: int | None = None,
+) -> list[list[str]]:
+    """Read ``path`` -> a list of prompt sequences (lists of segment strings).
+
+    ``max_segments``: the most segments a video has (more is an error); ``keep_segments`` /
+    ``min_segments``: the segment filters of the module docstring (None: off).
+    """
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist")
@@ -60,10 +80,17 @@ def load_prompt_file(path: str | Path, max_segments: int | None = None) -> list[
         where = f"{path}:{number}"
         if path.suffix == ".jsonl":
             segments = _jsonl_segments(line, where)
+        elif _is_bracket_line(line):
+            segments = _bracket_segments(line, where)
+            if segments is None:  # a "0," line: no prompt
+                continue
         else:
             segments = [s.strip() for s in line.split("|")]
         if not segments or any(not s for s in segments):
             raise PromptFileError(f"{where}: empty prompt segment in {line!r}")
+        segments = segments[:keep_segments] if keep_segments is not None else segments
+        if min_segments is not None and len(segments) < min_segments:
+            continue
         if max_segments is not None and len(segments) > max_segments:
             raise PromptFileError(
                 f"{where}: {len(segments)} segments, but the video has only {max_segments} "
@@ -71,8 +98,48 @@ def load_prompt_file(path: str | Path, max_segments: int | None = None) -> list[
             )
         sequences.append(segments)
     if not sequences:
-        raise PromptFileError(f"prompt file {str(path)!r} holds no prompts")
+        kept = "" if min_segments is None else f" with at least {min_segments} segments"
+        raise PromptFileError(f"prompt file {str(path)!r} holds no prompts{kept}")
     return sequences
+
+
+def _is_bracket_line(line: str) -> bool:
+    match = _COUNT.match(line)
+    body = match.group(2) if match else line
+    return body.lstrip().startswith("[") or (match is not None and not body.strip())
+
+
+def _bracket_segments(line: str, where: str) -> list[str] | None:
+    """Fields of ``[...]`` groups (outermost brackets removed) of an authors' formatted line."""
+    match = _COUNT.match(line)
+    body = match.group(2) if match else line
+    if match and not body.strip():
+        if int(match.group(1)) == 0:
+            return None
+        raise PromptFileError(f"{where}: count {match.group(1)} but no [...] segments: {line!r}")
+    fields, depth, start = [], 0, 0
+    offset = len(line) - len(body)  # columns are counted in the whole line
+    for i, ch in enumerate(body):
+        if ch == "[":
+            depth += 1
+            if depth == 1:
+                start = i + 1
+        elif ch == "]":
+            if depth == 0:
+                raise PromptFileError(
+                    f"{where}: ']' at column {offset + i + 1} closes nothing: {line!r}"
+                )
+            depth -= 1
+            if depth == 0:
+                fields.append(body[start:i].strip())
+        elif depth == 0 and not (ch == "," or ch.isspace()):
+            raise PromptFileError(
+                f"{where}: text outside [...] at column {offset + i + 1} "
+                f"({body[i : i + 20]!r}); expected n,[segment 1],[segment 2],...: {line!r}"
+            )
+    if depth:
+        raise PromptFileError(f"{where}: unclosed '[' in {line!r}")
+    return fields
 
 
 def _jsonl_segments(line: str, where: str) -> list[str]:
@@ -106,9 +173,15 @@ class PromptSource:
         *,
         eval_prompts: int = 0,
         seed: int = 0,
+        order: str = "random",
+        world_size: int = 1,
     ) -> PromptSource:
-        """Training draws ``sequences[rank_seed(seed, rank, step) % N]``; without ``heldout``
-        the last ``eval_prompts`` sequences are held out (when more than that many are given)."""
+        """Training draws ``sequences[rank_seed(seed, rank, step) % N]`` (``order="random"``) or
+        sweeps them in order, ``sequences[(step * world_size + rank) % N]`` (``"sweep"``, the
+        KVPO authors' order: their rollout ``r = step + 1``); without ``heldout`` the last
+        ``eval_prompts`` sequences are held out (when more than that many are given)."""
+        if order not in ORDERS:
+            raise ValueError(f"prompt order must be one of {ORDERS}, got {order!r}")
         train = [list(s) for s in sequences]
         if not train:
             raise ValueError("need at least one training prompt sequence, got none")
@@ -118,10 +191,13 @@ class PromptSource:
             held = held or train
         else:
             held = [list(s) for s in heldout]
-        return cls(
-            train=lambda step, rank: train[rank_seed(seed, rank, step) % len(train)],
-            heldout=lambda count: held[: count or len(held)],
-        )
+
+        def draw(step: int, rank: int) -> list[str]:
+            if order == "sweep":
+                return train[(step * world_size + rank) % len(train)]
+            return train[rank_seed(seed, rank, step) % len(train)]
+
+        return cls(train=draw, heldout=lambda count: held[: count or len(held)])
 
     @classmethod
     def toy(cls, num_segments: int, seed: int) -> PromptSource:

@@ -188,3 +188,65 @@ def test_toy_heldout_stories_fixed_and_disjoint_from_training():
     assert drawn == _drawn(PromptSource.toy(3, seed=0))  # deterministic
     assert drawn != _drawn(PromptSource.toy(3, seed=1))
     assert len({tuple(s) for s in drawn}) > 100  # 120 draws, (nearly) all different
+
+
+# ---------------------------------------------------------------- the authors' bracket format
+BRACKETS = """3,[a fox runs through snow],[the fox stops],[snow falls]
+0,
+1,[waves on a beach]
+[a cat [orange] sleeps],[it wakes up]
+2, [a city at night] , [rain starts]
+"""
+
+
+def test_bracket_lines_with_segment_filters(tmp_path):
+    path = tmp_path / "formatted.txt"
+    path.write_text(BRACKETS + "a plain line | with pipes\n")
+    assert load_prompt_file(path) == [
+        ["a fox runs through snow", "the fox stops", "snow falls"],
+        ["waves on a beach"],
+        ["a cat [orange] sleeps", "it wakes up"],  # inner brackets stay in the field
+        ["a city at night", "rain starts"],
+        ["a plain line", "with pipes"],
+    ]
+    # the authors' filters: cut to prompt_max_segments, then drop those under the minimum
+    assert load_prompt_file(path, min_segments=2, keep_segments=2) == [
+        ["a fox runs through snow", "the fox stops"],
+        ["a cat [orange] sleeps", "it wakes up"],
+        ["a city at night", "rain starts"],
+        ["a plain line", "with pipes"],
+    ]
+    with pytest.raises(PromptFileError, match="no prompts with at least 4 segments"):
+        load_prompt_file(path, min_segments=4)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("2,[a fox runs],[it stops", r"formatted.txt:2: unclosed '\['"),
+        ("2,[a fox runs]],[it stops]", r"formatted.txt:2: '\]' at column 15 closes nothing"),
+        ("2,[a fox runs] and [it stops]", "formatted.txt:2: text outside"),
+        ("3,", "formatted.txt:2: count 3 but no"),
+        ("2,[a fox runs],[ ]", "formatted.txt:2: empty prompt segment"),
+    ],
+)
+def test_malformed_bracket_lines_name_the_line(tmp_path, line, message):
+    path = tmp_path / "formatted.txt"
+    path.write_text("1,[a good line]\n" + line + "\n")
+    with pytest.raises(PromptFileError, match=message):
+        load_prompt_file(path)
+
+
+def test_sweep_order_across_ranks():
+    """The authors' order: rollout r (1-based) on rank k of W takes ((r - 1) * W + k) % N."""
+    seqs = [[f"prompt {i}"] for i in range(5)]
+    source = PromptSource.from_sequences(seqs, order="sweep", world_size=2)
+    drawn = [[source.train(r - 1, k)[0] for k in range(2)] for r in range(1, 5)]
+    assert drawn == [
+        ["prompt 0", "prompt 1"],
+        ["prompt 2", "prompt 3"],
+        ["prompt 4", "prompt 0"],
+        ["prompt 1", "prompt 2"],
+    ]
+    with pytest.raises(ValueError, match="prompt order must be one of"):
+        PromptSource.from_sequences(seqs, order="shuffled")
