@@ -74,7 +74,7 @@ def choose_row_micro_batch(
     if chosen is not None:
         plan = plans[chosen]
         name, peak = plan.peak
-        what = "all rows" if chosen == 0 else f"{chosen} rows"
+        what = "all rows" if chosen == 0 else f"{chosen} row{'s' if chosen > 1 else ''}"
         message = (
             f"row_micro_batch={chosen} ({what} at once): predicted peak {gib(peak)} in {name}, "
             f"{gib(usable)} usable of {gib(total)}"

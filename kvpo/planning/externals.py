@@ -148,14 +148,14 @@ def reward_footprint(cfg: TrainConfig, setup: Setup) -> RewardFootprint:
     if name == "toy":
         return RewardFootprint(what="the toy reward (no weights)")
     if name == "video_hpsv3" or name.startswith("videoalign"):
-        shape, head = (QWEN2_VL_7B, None) if name == "video_hpsv3" else (QWEN2_VL_2B, 1)
         size = 2 if gpu else 4  # the scorers' dtype "auto": bf16 on a GPU
+        if name == "video_hpsv3":  # RankNet head hidden -> 1024 -> 16 -> 2, fp32
+            shape, h = QWEN2_VL_7B, QWEN2_VL_7B.hidden_size
+            head_bytes = 4 * (h * 1024 + 1024 + 1024 * 16 + 16 + 16 * 2 + 2)
+        else:  # VideoAlign: one bias-free linear hidden -> 1 in the scorer's dtype
+            shape = QWEN2_VL_2B
+            head_bytes = shape.hidden_size * size
         params = qwen2vl_parameters(shape)
-        head_bytes = (
-            shape.hidden_size * 1 * size
-            if head
-            else 4 * (shape.hidden_size * 1024 + 1024 + 1024 * 16 + 16 + 16 * 2 + 2)
-        )
         base = "Qwen2-VL-7B" if shape is QWEN2_VL_7B else "Qwen2-VL-2B"
         working = [
             Line("8-bit levels of the clips being scored (fp32, 2 alive)", 2 * videos * 4,

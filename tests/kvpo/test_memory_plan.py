@@ -273,6 +273,25 @@ def test_what_does_not_fit_and_which_option_would(longlive):
     assert "fp32 copies + their torch.cat" in hopeless.options[-1]
 
 
+def test_reward_models_by_name(longlive):
+    from kvpo.planning.externals import reward_footprint
+
+    cfg, setup = longlive
+    hps = reward_footprint(cfg, setup)
+    assert hps.weights == 7_746_378_240 * 2 + 4 * (3584 * 1024 + 1024 + 1024 * 16 + 16 + 34)
+    align = reward_footprint(dataclasses.replace(cfg, reward_model="videoalign_mq"), setup)
+    assert align.weights == 2_208_985_600 * 2 + 1536 * 2
+    served = reward_footprint(
+        dataclasses.replace(cfg, reward_model="http://127.0.0.1:8765/x"), setup
+    )
+    assert served.weights == 0 and not served.notes
+    mine = dataclasses.replace(cfg, reward_model="mypkg.scorers:Aesthetic")
+    assert reward_footprint(mine, setup).weights == 0
+    assert (
+        "'mypkg.scorers:Aesthetic' is not known to the planner" in plan_memory(mine, setup).notes[0]
+    )
+
+
 def test_sizes_and_the_command(capsys):
     from kvpo.cli import main as kvpo_main
 
