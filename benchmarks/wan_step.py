@@ -141,6 +141,7 @@ def run(args) -> dict:
     record = learner.train_step(0, timer)
     wan, store = model.wan.config, learner.cache.store
     lora = sum(p.numel() * p.element_size() for p in learner.params)
+    planned = planner_prediction(cfg, wan, args, record["routing/start_frame"])
     states = [t for st in learner.optimizer.state.values() for t in st.values()]
     return {
         "config": {
@@ -173,7 +174,30 @@ def run(args) -> dict:
         if device.type == "cuda"
         else None,
         "routed": record["routing/plan"],
+        "planned": planned,
         "loss": record["loss"],
+    }
+
+
+def planner_prediction(cfg, wan, args, fork: int) -> dict:
+    """The memory planner's prediction for this step (:mod:`kvpo.planning`): K/V frames per
+    rollout phase at this fork, bytes per phase and the step's peak. The reward model of the
+    config is left out (the step scores with :func:`pixel_reward`), and so are the text encoder
+    and the VAE (a toy-like setup: the stand-ins are not counted)."""
+    from kvpo.planning import Setup, plan_memory
+    from kvpo.planning.phases import kv_held_frames
+
+    setup = Setup(wan, args.dtype, torch.device(args.device).type, False, 512, "random Wan")
+    plan = plan_memory(cfg, setup, args.row_micro_batch)
+    kept = [line for line in plan.resident if not line.what.startswith("reward model")]
+    resident = sum(line.bytes for line in kept)
+    worst = max(plan.phases, key=lambda phase: phase.bytes)
+    return {
+        "kv_frames": kv_held_frames(cfg, plan.rows, fork),
+        "phase_bytes": {phase.name: phase.bytes for phase in plan.phases},
+        "resident_bytes": resident,
+        "peak_phase": worst.name,
+        "peak_bytes": resident + worst.bytes,
     }
 
 
@@ -198,6 +222,18 @@ def table(result: dict) -> str:
         "optimiser {optimizer_bytes:.0f} MiB".format(**held)
         + f", K/V pool {result['kv_pool_bytes'] / mib:.0f} MiB; K/V copied "
         f"{result['copied_kv_bytes']} bytes"
+    )
+    plan, frame = result["planned"], result["kv_bytes_per_frame"]
+    measured = {k: v / frame for k, v in result["rollout_kv_bytes"].items()}
+    lines.append(
+        "planner: rollout K/V frames "
+        + ", ".join(f"{k} {plan['kv_frames'][k]} (measured {measured[k]:.0f})" for k in measured)
+        + f"; step peak {plan['peak_bytes'] / mib:.0f} MiB in {plan['peak_phase']}"
+        + (
+            f" (measured device peak {result['device_peak_bytes'] / mib:.0f} MiB)"
+            if result["device_peak_bytes"] is not None
+            else " (the CPU has no device peak to compare)"
+        )
     )
     return "\n".join(lines)
 

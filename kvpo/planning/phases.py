@@ -111,15 +111,11 @@ def kv_held_frames(cfg: TrainConfig, rows: int, fork: int) -> dict[str, int]:
 
 def pool_pages(cfg: TrainConfig, rows: int) -> int:
     """Pages of the preallocated pool for ``rows`` rows in flight: the code's own rule
-    (``StreamingGenerator.pages_for``, with the policy window when it takes one)."""
-    import inspect
-
+    (``StreamingGenerator.pages_for``)."""
     from kvpo.streaming import StreamingGenerator
 
-    kwargs = {}
-    if "window_frames" in inspect.signature(StreamingGenerator.pages_for).parameters:
-        kwargs["window_frames"] = cfg.policy_window_frames or cfg.routing_geometry().window_frames
-    return StreamingGenerator.pages_for(cfg.cache_policy(), rows, **kwargs)
+    window = cfg.policy_window_frames or cfg.routing_geometry().window_frames
+    return StreamingGenerator.pages_for(cfg.cache_policy(), rows, window)
 
 
 # ---------------------------------------------------------------------- the plan

@@ -9,7 +9,7 @@ from argparse import Namespace
 
 import pytest
 
-from benchmarks.wan_step import run
+from benchmarks.wan_step import run, table
 from kvpo.training.learner import PHASES
 
 SINK, LOCAL, F, P, G = 3, 12, 3, 5, 8
@@ -52,3 +52,11 @@ def test_kv_held_by_each_phase_is_bounded_by_the_layout(result):
     assert kv["replay_grad"] <= len(shared) + G * (P * F + LOCAL), kv
     # after the rollout only the trimmed fork snapshot is held
     assert kv["rewards"] == len(shared), kv
+
+
+def test_planner_predicts_the_rollout_kv_within_10_percent(result):
+    frame = result["kv_bytes_per_frame"]
+    for phase, held in result["rollout_kv_bytes"].items():
+        predicted = result["planned"]["kv_frames"][phase]
+        assert held / frame <= predicted <= 1.1 * held / frame, (phase, held / frame, predicted)
+    assert "planner: rollout K/V frames prefix" in table(result)
