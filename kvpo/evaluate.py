@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from kvpo.models.lora import merge_lora_into_base
 from kvpo.rewards.clips import global_clips, score_clips
 from kvpo.rewards.registry import resolve_reward, reward_options
 from kvpo.streaming import stream_from_config
@@ -28,7 +29,6 @@ from kvpo.training.config import ConfigError, TrainConfig
 from kvpo.training.config_parse import load_config
 from kvpo.training.distributed import DistInfo, resolve_device
 from kvpo.training.heldout import evaluate
-from kvpo.training.learner import merge_lora_into_base
 from kvpo.training.prompts import prompt_source
 from kvpo.training.validation import is_toy_dir, validate
 from kvpo.video_model import VideoModel, load_video_model, toy_video_model

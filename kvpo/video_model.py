@@ -86,8 +86,15 @@ def _load_wan(cfg: TrainConfig, device, dtype) -> VideoModel:
     vae = encoders.WanVAE(cfg.wan_model_path, dtype=dtype, device=device)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        videos = [vae.decode(row[None]) for row in latents]  # one video at a time: memory
-        return torch.cat([((v.float() + 1) / 2).permute(0, 2, 1, 3, 4) for v in videos])
+        """One video at a time into one fp32 output: no second copy of all videos."""
+        out = None
+        for i, row in enumerate(latents):
+            video = vae.decode(row[None])[0]  # [3, T, H, W] in the VAE's dtype
+            if out is None:
+                out = latents.new_empty((len(latents), video.shape[1], 3, *video.shape[2:]),
+                                        dtype=torch.float32)  # fmt: skip
+            out[i] = ((video.float() + 1) / 2).transpose(0, 1)
+        return out
 
     c = wan.config
     return VideoModel(

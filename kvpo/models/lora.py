@@ -285,3 +285,17 @@ def _restore(model: CausalWan, flags: dict[str, bool]) -> None:
     for name, param in model.transformer.named_parameters():
         if name in flags:
             param.requires_grad_(flags[name])
+
+
+@torch.no_grad()
+def merge_lora_into_base(model, source, alpha: float | None = None) -> None:
+    """Add an external LoRA (:func:`import_lora` formats) to the base weights,
+    ``W += scale * B @ A``, and drop it: the reference policy (adapters disabled) is then the
+    starting model, as in LongLive / MemFlow KVPO where the LoRA is part of the generator.
+    ``alpha``: the LoRA's alpha (None: its rank)."""
+    import_lora(model, source, alpha=alpha, adapter="imported")
+    for module in model.transformer.modules():
+        if "imported" in getattr(module, "lora_A", {}):
+            base = module.get_base_layer()
+            base.weight += module.get_delta_weight("imported").to(base.weight.dtype)
+    model.transformer.delete_adapters("imported")

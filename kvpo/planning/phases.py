@@ -158,13 +158,6 @@ def plan_memory(cfg: TrainConfig, setup: Setup, row_micro_batch: int | None = No
         resident.append(Line("VAE weights", vae_bytes(e)))
     if reward.weights and not cfg.reward_offload:
         resident.append(Line(f"reward model {cfg.reward_model}", reward.weights, note=reward.what))
-    resident.append(
-        Line(
-            "decoded videos of the last step (fp32)",
-            (G + 1) * video * 4,
-            note="Learner.last_videos, on the device until the next step's are decoded",
-        )  # fmt: skip
-    )
 
     segments = len(cfg.switch_frames) + 1
     latent = model.in_channels * model.latent_height * model.latent_width * e  # per frame
@@ -238,23 +231,17 @@ def _grad_phase(cfg, fwd: ForwardModel, step_data, segments, blocks, g) -> Phase
 
 
 def _reward_phases(cfg, setup: Setup, reward, step_data, video: int) -> list[Phase]:
-    """Decoding all rows, then scoring them (the previous step's videos are still held)."""
+    """Decoding all rows, then scoring them."""
     G, e = cfg.K, setup.element_size
     rows = G + 1
     if setup.wan:
         ws = VAE_DECODE_ELEMENTS_PER_PIXEL * setup.pixels * e + 2 * video * e
-        during = (G * video * e) + ws
-        at_cat = rows * video * e + 2 * rows * video * 4
         decode = [
-            Line("decoded videos in the VAE dtype (all rows)", rows * video * e),
-            Line("fp32 copies + their torch.cat (all rows)", 2 * rows * video * 4,
-                 note="kvpo.video_model: [((v.float() + 1) / 2) for v in videos], then cat"),
+            Line("decoded videos, fp32 output (all rows)", rows * video * 4,
+                 note="kvpo.video_model: one video at a time into one fp32 tensor"),
+            Line("VAE decode of one video (working set, or its output + fp32 conversion)",
+                 max(ws, video * e + video * 4), "scaled"),
         ]  # fmt: skip
-        if during > at_cat:  # the last video's decode, not the fp32 conversion, is the peak
-            decode = [
-                Line("decoded videos in the VAE dtype (the rows before the last)", G * video * e),
-                Line("VAE decode working set (one video)", ws, "scaled"),
-            ]
     else:
         decode = [Line("decoded videos, fp32 (toy: (x + 1) / 2, clamped)", 2 * rows * video * 4)]
     score = [Line("decoded videos of this step (fp32)", rows * video * 4)]

@@ -43,8 +43,8 @@ from kvpo.models.lora import (
     adapters_disabled,
     add_lora,
     freeze_copy,
-    import_lora,
     lora_parameters,
+    merge_lora_into_base,
 )
 from kvpo.rewards.clips import clip_for, global_clips, score_clips
 from kvpo.streaming import branch_seed, group_seed, stream_from_config
@@ -56,20 +56,6 @@ from kvpo.training.prompts import PromptSource
 from kvpo.video_model import VideoModel
 
 PHASES = ("rollout", "rewards", "replay_old", "replay_ref", "replay_grad", "update")
-
-
-@torch.no_grad()
-def merge_lora_into_base(model, source, alpha: float | None = None) -> None:
-    """Add an external LoRA (:func:`kvpo.models.lora.import_lora` formats) to the base weights,
-    ``W += scale * B @ A``, and drop it: the reference policy (adapters disabled) is then the
-    starting model, as in LongLive / MemFlow KVPO where the LoRA is part of the generator.
-    ``alpha``: the LoRA's alpha (None: its rank)."""
-    import_lora(model, source, alpha=alpha, adapter="imported")
-    for module in model.transformer.modules():
-        if "imported" in getattr(module, "lora_A", {}):
-            base = module.get_base_layer()
-            base.weight += module.get_delta_weight("imported").to(base.weight.dtype)
-    model.transformer.delete_adapters("imported")
 
 
 class SkippedStep(RuntimeError):
@@ -126,7 +112,7 @@ class Learner:
         self.weights = step_weights(self.stream.schedule, cfg.tve_step_weight).to(self.device)
         self.video_layout = self.stream.layout.mapped(model.video_frame)  # decoded frames
         self.counters = Counters()
-        self.last_videos: torch.Tensor | None = None  # [G + 1, T, 3, H, W] of the last rollout
+        self.last_latents: torch.Tensor | None = None  # [G + 1, C, T, H, W] of the last rollout
 
     # ------------------------------------------------------------------ setup
     def _setup_adapters(self) -> None:
@@ -148,6 +134,15 @@ class Learner:
             cfg.lr_warmup_steps, cfg.max_train_steps * cfg.ppo_epochs,
         )  # fmt: skip
         self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    @property
+    def last_videos(self) -> torch.Tensor | None:
+        """``[G + 1, T, 3, H, W]`` in [0, 1] on the CPU: the last rollout's videos, decoded again
+        when asked for (the step's own decoded videos are freed after scoring)."""
+        if self.last_latents is None:
+            return None
+        with torch.no_grad():
+            return self.video_model.decode(self.last_latents).cpu()
 
     @property
     def cache(self):
@@ -282,7 +277,8 @@ class Learner:
             ro = self.rollout(step, prompts, rank)
         try:
             with timer("rewards"):
-                local, global_, self.last_videos = self.rewards(ro, prompts)
+                local, global_, _ = self.rewards(ro, prompts)
+                self.last_latents = ro.latents
             raw = [t for sig in (local, global_) if sig for part in sig for t in part.values()]
             if any_rank(not all(bool(torch.isfinite(t).all()) for t in raw), self.info):
                 raise SkippedStep(getattr(self.reward, "failure", None) or "non-finite reward")

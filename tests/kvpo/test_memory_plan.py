@@ -267,10 +267,10 @@ def test_what_does_not_fit_and_which_option_would(longlive):
     assert [name for name, _ in choice.over] == ["replay_grad"]
     assert choice.options[0].startswith("gradient_checkpointing=true: fits at row_micro_batch=1")
     hopeless = choose_row_micro_batch(cfg, parse_size("80GiB"), setup)
-    assert not hopeless.fits and "rewards: decode" in hopeless.message
+    assert not hopeless.fits and "rewards: score" in hopeless.message
     assert hopeless.options[0].startswith("reward_offload=true: still does not fit")
     assert hopeless.options[-1].startswith("no configuration option makes it fit")
-    assert "fp32 copies + their torch.cat" in hopeless.options[-1]
+    assert "decoded videos of this step (fp32) 23.50 GiB" in hopeless.options[-1]
 
 
 def test_reward_models_by_name(longlive):
