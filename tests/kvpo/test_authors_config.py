@@ -1,0 +1,434 @@
+"""The KVPO authors' training YAML files load unchanged (kvpo.training.authors_config).
+
+The fixtures hold every key and value of the authors' ``configs/train_kvpo_longlive.yaml`` and
+``configs/train_kvpo_memflow.yaml``; the expected values below are written out from those
+files, converted by hand.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvpo.train import main
+from kvpo.training import authors_config
+from kvpo.training.authors_config import (
+    MAPPED,
+    NO_EFFECT,
+    NOT_IMPLEMENTED,
+    RULE_BY_KEY,
+    RULES,
+    flatten,
+    is_authors_format,
+    mapping_table,
+    steps_are_sync_windows,
+    translate,
+)
+from kvpo.training.config import ConfigError
+from kvpo.training.config_parse import load_config
+from kvpo.training.validation import validate
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "authors"
+LONGLIVE = FIXTURES / "train_kvpo_longlive.yaml"
+MEMFLOW = FIXTURES / "train_kvpo_memflow.yaml"
+PREFIX = "authors' config: "
+
+# keys with no effect here, each printed on one line of its own (multinode: one line)
+NO_EFFECT_LONGLIVE = [
+    "last_step_only", "eval_parallel_online_ema", "eval_parallel_online_ema_mode",
+    "reward_batch_size", "long_reward_enable_transition", "long_reward_normal_weight",
+    "long_reward_transition_weight", "long_reward_transition_clip_len", "num_gpus", "gpu_ids",
+    "offload_models", "debug_save_first_video_group", "debug_video_group_fps",
+    "debug_video_group_subdir", "adapter.verbose",
+]  # fmt: skip
+NO_EFFECT_MEMFLOW = NO_EFFECT_LONGLIVE + ["log_interval", "adapter.dtype"]
+MULTINODE = [
+    "multinode.nodes.node0.ssh_host", "multinode.nodes.node0.ssh_port",
+    "multinode.nodes.node0.ssh_user", "multinode.nodes.node1.ssh_host",
+    "multinode.nodes.node1.ssh_port", "multinode.nodes.node1.ssh_user",
+    "multinode.master", "multinode.workers",
+]  # fmt: skip
+# keys whose behaviour is not implemented here but whose value in the files does nothing
+SILENT = [
+    "anchor_grad_steps", "min_update_entropy_ratio", "use_raw_weighted_reward_advantage",
+    "eval_reward_components",
+]  # fmt: skip
+
+
+def _raw(path):
+    return yaml.safe_load(path.read_text())
+
+
+def _write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _per_step() -> int:
+    """This project's steps per authors' training step (of 2 rollouts in both files): 1 where a
+    training step is sync_every rollouts, 2 where it is one rollout."""
+    return 1 if steps_are_sync_windows() else 2
+
+
+def _lines(err: str) -> list[str]:
+    return [line[len(PREFIX) :] for line in err.splitlines() if line.startswith(PREFIX)]
+
+
+def test_fixtures_are_detected_and_ours_are_not():
+    assert is_authors_format(_raw(LONGLIVE)) and is_authors_format(_raw(MEMFLOW))
+    for name in ("longlive.yaml", "memflow.yaml", "toy.yaml"):  # this project's restatements
+        assert not is_authors_format(_raw(ROOT / "configs" / name)), name
+    assert is_authors_format({"K": 8, "adapter": {"verbose": False}})  # one of only their keys
+    assert not is_authors_format({"K": 8, "adapter": {"rank": 4}})
+
+
+def test_longlive_loads_with_their_values(capsys):
+    cfg = load_config(LONGLIVE)
+    # values of train_kvpo_longlive.yaml, in this project's keys
+    assert cfg.generator_ckpt == "checkpoints/longlive/models/longlive_base.pt"
+    assert cfg.lora_ckpt == "checkpoints/longlive/models/lora.pt"
+    assert cfg.data_path == "prompts/vidprom_filtered_extended_switch_2.0_formatted.txt"
+    assert cfg.denoising_step_list == [1000, 750, 500, 250] and cfg.warp_denoising_step
+    assert (cfg.model_kwargs.local_attn_size, cfg.model_kwargs.sink_size) == (12, 3)
+    assert cfg.model_kwargs.timestep_shift == 5.0 and cfg.num_frame_per_block == 3
+    assert (cfg.slice_last_frames, cfg.context_noise) == (21, 0)
+    assert (cfg.streaming_max_length, cfg.streaming_chunk_size, cfg.streaming_min_new_frame) == (
+        147, 21, 18,
+    )  # fmt: skip
+    assert cfg.switch_frame_indices == "39, 75, 111" and cfg.switch_frames == [39, 75, 111]
+    assert (cfg.K, cfg.m_nearest_frames, cfg.perturb_num_blocks) == (8, 4, 5)
+    assert cfg.perturb_within_first_x_chunks == 7 and cfg.row_micro_batch == "auto"
+    assert cfg.train_local and cfg.train_global and cfg.advantage_fusion_mode == "std"
+    assert (cfg.advantage_fusion_local_weight, cfg.advantage_fusion_global_weight) == (1.0, 0.5)
+    assert cfg.adv_clip_max == 2.5 and cfg.policy_window_frames == 0
+    assert cfg.log_prob_grad_steps == 2 and cfg.ppo_epochs == 1
+    assert (cfg.tve_step_weight, cfg.tau) == ("sigma2", 2.0)  # floor 1.0: -x0 MSE / 2
+    assert cfg.gated_scale == 0.5  # mechanism_2
+    assert (cfg.clip_range_low, cfg.clip_range_high) == (0.1, 0.2)
+    assert cfg.kl_coef == 10.0 and cfg.kl_reference_initial
+    assert cfg.lr == 1.0e-5 and cfg.lr_scheduler == "constant_with_warmup"
+    assert cfg.weight_decay == 0.01 and cfg.max_grad_norm == 1.0 and cfg.ema_decay == 0.999
+    # their gradient_accumulation_steps 2 is the sync period; their step is 2 rollouts
+    assert cfg.sync_every == 2
+    per = _per_step()
+    assert cfg.max_train_steps == 1500 * per
+    assert cfg.lr_warmup_steps == (5 if per == 1 else 10)  # AdamW steps where a step is 1 rollout
+    assert (cfg.save_interval_steps, cfg.eval_interval_steps) == (2 * per, 2 * per)
+    assert cfg.eval_prompts == 8 and cfg.eval_seeds == 1 and cfg.eval_use_ema  # world_size = 8
+    assert cfg.seed == 42
+    assert [(c.name, c.weight) for c in cfg.reward_components] == [("video_hpsv3", 1.0)]
+    assert cfg.reward_model == "video_hpsv3" and cfg.long_reward_normal_clip_len == 36
+    assert cfg.gradient_checkpointing and cfg.output_dir == "logs/longlive" and cfg.run_name == ""
+    assert (cfg.adapter.type, cfg.adapter.rank, cfg.adapter.alpha) == ("lora", 256, 256.0)
+    assert cfg.adapter.dropout == 0.0 and cfg.lora_ckpt_alpha == 256.0
+    assert (cfg.sampler_rule, cfg.dtype) == ("x0", "bfloat16")
+    assert cfg.wan_model_path == "wan_models/Wan2.1-T2V-1.3B"
+    assert capsys.readouterr().err.startswith(
+        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 71 mapped, "
+        "23 no effect here, 6 not implemented here"
+    )
+
+
+def test_memflow_loads_with_their_values(capsys):
+    cfg = load_config(MEMFLOW)
+    assert cfg.generator_ckpt == "checkpoints/memflow/base.pt"
+    assert cfg.m_nearest_frames == 3  # n_random = 12 - 3 - 3 = 6
+    assert cfg.row_micro_batch == 4  # branch_backward_chunk_size 4
+    assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
+    assert (cfg.adapter.rank, cfg.adapter.alpha) == (256, 256.0)
+    assert "25 no effect here, 9 not implemented here" in capsys.readouterr().err.splitlines()[0]
+    # the rest as LongLive's file: the two files differ in these keys only
+    longlive = load_config(LONGLIVE)
+    differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
+    assert differ == {"generator_ckpt", "lora_ckpt", "m_nearest_frames", "row_micro_batch",
+                      "output_dir"}  # fmt: skip
+
+
+def test_the_translation_passes_validation_apart_from_missing_paths():
+    for path in (LONGLIVE, MEMFLOW):
+        cfg = load_config(path, ["generator_ckpt=", "lora_ckpt=", "data_path=none"])
+        validate(cfg)  # layout, routing geometry, ranges and choices are all valid
+
+
+def test_every_key_of_both_files_is_in_the_table():
+    seen = set()
+    for path in (LONGLIVE, MEMFLOW):
+        data = _raw(path)
+        leaves = [key for key, _ in flatten(data)]
+        assert len(leaves) == {LONGLIVE: 100, MEMFLOW: 105}[path]
+        translation = translate(data)
+        rows = {row.key: row for row in translation.rows if row.present}
+        assert set(rows) == set(leaves)
+        for key in leaves:
+            pattern = authors_config._pattern(key)
+            assert pattern in RULE_BY_KEY, key
+            seen.add(pattern)
+        table = mapping_table(translation, path)
+        for key in leaves:
+            assert f"  {key} " in table, key
+        assert sum(translation.counts().values()) == len(leaves)
+    # and the table holds no key that neither file has, but the launcher's ssh spellings
+    spare = {r.key for r in RULES} - seen
+    assert spare == {f"multinode.nodes.<alias>.{k}" for k in ("host", "hostname", "port", "user")}
+    assert spare == authors_config.LAUNCHER_SPELLINGS
+    memflow_only = {authors_config._pattern(k) for k, _ in flatten(_raw(MEMFLOW))} - {
+        authors_config._pattern(k) for k, _ in flatten(_raw(LONGLIVE))
+    }
+    assert memflow_only == authors_config.MEMFLOW_ONLY
+
+
+def test_rule_categories():
+    counts = authors_config.rule_counts()
+    assert counts == {MAPPED: 71, NO_EFFECT: 26, NOT_IMPLEMENTED: 9}
+    for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master"):
+        assert RULE_BY_KEY[key].kind == NO_EFFECT, key
+    for key in ("model_kwargs.bank_size", "model_kwargs.SMA", "use_raw_weighted_reward_advantage",
+                "min_update_entropy_ratio", "prompt_max_segments"):  # fmt: skip
+        assert RULE_BY_KEY[key].kind == NOT_IMPLEMENTED, key
+
+
+def test_no_effect_keys_print_one_line_each(capsys):
+    load_config(MEMFLOW)
+    lines = _lines(capsys.readouterr().err)
+    for key in NO_EFFECT_MEMFLOW:
+        mine = [line for line in lines if line.startswith(f"{key}: ")]
+        assert len(mine) == 1, (key, mine)
+        assert ": accepted, no effect here" in mine[0], mine[0]
+    assert "offload_models: True: accepted, no effect here: the old policy and the KL " in (
+        "\n".join(lines)
+    )
+    assert "num_gpus: 8: accepted, no effect here: launch torchrun --nproc_per_node N" in (
+        "\n".join(lines)
+    )
+    group = [line for line in lines if line.startswith("multinode (")]
+    assert len(group) == 1 and all(key in group[0] for key in MULTINODE)
+    assert "no effect here: the multi-node launcher's ssh targets" in group[0]
+    # not implemented with a value that does something: one line each; no-op values: none
+    for key in ("model_kwargs.bank_size", "model_kwargs.record_interval", "prompt_min_segments",
+                "prompt_max_segments"):  # fmt: skip
+        mine = [line for line in lines if line.startswith(f"{key}: ")]
+        assert len(mine) == 1 and "not implemented here" in mine[0], (key, mine)
+        assert mine[0].endswith("the run proceeds without it")
+    assert "bank of 3 frames between the sink and the local window" in "\n".join(lines)
+    for key in [*SILENT, "model_kwargs.SMA"]:
+        assert not any(line.startswith(f"{key}: ") for line in lines), key
+    # mapped keys print only where the conversion is not exact
+    printed = {line.split(":", 1)[0] for line in lines}
+    assert printed & {r.key for r in RULES if r.kind == MAPPED} == {
+        "lora_ckpt", "data_path", "lr_warmup_steps", "ema_decay", "eval_prompts",
+    }  # fmt: skip
+    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 4 + 5
+    assert len(lines) == n_lines
+
+
+def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsys):
+    data = _raw(LONGLIVE)
+    data.update(
+        kl_loss_mode="try_kl", use_raw_weighted_reward_advantage=True, global_sink=False,
+        min_update_entropy_ratio=0.1, long_reward_normal_weight=0.0,
+        eval_reward_components=[{"name": "video_hpsv3", "weight": 1.0},
+                                {"name": "videoalign_ta", "weight": 1.0}],
+    )  # fmt: skip
+    data["model_kwargs"]["SMA"] = True
+    cfg = load_config(_write(tmp_path, data))
+    lines = _lines(capsys.readouterr().err)
+    for key, text in (
+        ("kl_loss_mode", "not implemented here: their try_kl replays the anchor"),
+        ("anchor_grad_steps", "back-propagates through the first 1 denoising steps"),
+        ("use_raw_weighted_reward_advantage", "from the weighted sum of the raw rewards"),
+        ("global_sink", "re-encodes the sink with the new prompt"),
+        ("min_update_entropy_ratio", "entropy exceeds (1 - 0.1) ln K"),
+        ("long_reward_normal_weight", "makes their global reward 0"),
+        ("eval_reward_components", "here it scores reward_components"),
+        ("model_kwargs.SMA", "top-3 bank frames"),
+    ):
+        mine = [line for line in lines if line.startswith(f"{key}: ")]
+        assert len(mine) == 1 and "not implemented here" in mine[0] and text in mine[0], key
+    assert cfg.kl_coef == 10.0 and cfg.train_global  # the run keeps this project's behaviour
+
+
+def test_conversions_in_their_units(tmp_path, capsys):
+    data = _raw(LONGLIVE)
+    data.update(
+        switch_frame_indices="40, 80", policy_window_multiple=2.0, log_prob_sigma_floor=0.5,
+        per_step_protect_mode="mechanism_1", branch_backward_chunk_size=8, eval_prompts=0,
+        save_interval_steps=0, save_interval_samples=32, num_gpus=8, clip_range=0.3,
+    )  # fmt: skip
+    del data["clip_range_low"], data["local_loss_weight"], data["advantage_fusion_local_weight"]
+    cfg = load_config(_write(tmp_path, data))
+    err = capsys.readouterr().err
+    # chunks [0, 21), [21, 39), [39, 57), [57, 75), [75, 93), ...: switches to the next start
+    assert cfg.switch_frame_indices == "57, 93"
+    assert cfg.policy_window_frames == 30  # round(5 blocks x 3 frames x 2.0)
+    # floor 0.5 below every step sigma (1, 0.9375, 0.8333, 0.625): -velocity MSE / 2
+    assert (cfg.tve_step_weight, cfg.tau) == ("uniform", 2.0)
+    assert cfg.gated_scale == 0.0 and "per_step_protect_mode: 'mechanism_1': mapped to " in err
+    assert cfg.row_micro_batch == "auto"  # a chunk of all K branches: no chunking
+    assert not cfg.eval_before and not cfg.eval_after and cfg.eval_interval_steps == 0
+    assert cfg.save_interval_steps == 2 * _per_step()  # 32 samples / (8 ranks x 2 rollouts)
+    assert (
+        f"save_interval_samples: 32: mapped to save_interval_steps={2 * _per_step()}, not " in err
+    )
+    assert (cfg.clip_range_low, cfg.clip_range_high) == (0.3, 0.2)  # clip_range: the fallback
+    assert cfg.advantage_fusion_local_weight == 1.0  # their default local_loss_weight
+    data.update(log_prob_sigma_floor=0.7)  # between the sigmas: not expressible
+    cfg = load_config(_write(tmp_path, data))
+    assert (cfg.tve_step_weight, cfg.tau) == ("sigma2", pytest.approx(0.98))
+    assert "log_prob_sigma_floor: 0.7: not expressible here" in capsys.readouterr().err
+    data.update(log_prob_sigma_floor=2.0, eval_prompts=3)  # above every sigma: tau = 2 floor^2
+    cfg = load_config(_write(tmp_path, data))
+    assert (cfg.tve_step_weight, cfg.tau, cfg.eval_prompts) == ("sigma2", 8.0, 3)
+
+
+def test_step_counts_where_a_step_is_one_rollout(monkeypatch, capsys):
+    """Code whose training step is one rollout: the authors' step counts are multiplied by
+    gradient_accumulation_steps, the warmup by gradient_accumulation_steps x ppo_epochs."""
+    monkeypatch.setattr(authors_config, "steps_are_sync_windows", lambda: False)
+    cfg = load_config(LONGLIVE)
+    assert (cfg.max_train_steps, cfg.lr_warmup_steps, cfg.sync_every) == (3000, 10, 2)
+    assert (cfg.save_interval_steps, cfg.eval_interval_steps) == (4, 4)
+    assert "their LR changes once per sync window (factor k/5 in window k = 0..4, so the " in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setattr(authors_config, "steps_are_sync_windows", lambda: True)
+    cfg = load_config(LONGLIVE)
+    assert (cfg.max_train_steps, cfg.lr_warmup_steps, cfg.save_interval_steps) == (1500, 5, 2)
+    assert "their first training step runs at LR 0 (diffusers' factor k/5 from k = 0)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_absent_keys_take_their_codes_defaults(tmp_path):
+    data = _raw(LONGLIVE)
+    for key in ("ppo_epochs", "kl_reference_initial", "adv_clip_max", "lr_warmup_steps",
+                "policy_window_multiple", "ema_decay", "long_reward_normal_clip_len"):  # fmt: skip
+        del data[key]
+    del data["adapter"]["alpha"]
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.ppo_epochs == 3 and cfg.kl_reference_initial is False and cfg.adv_clip_max == 5.0
+    # their default 10 training steps (x 2 rollouts x 3 epochs where a step is one rollout)
+    assert cfg.lr_warmup_steps == (10 if _per_step() == 1 else 10 * 2 * 3)
+    assert cfg.ema_decay == 0.0
+    assert not cfg.eval_use_ema
+    assert cfg.policy_window_frames == 30  # their default multiple 2.0
+    assert cfg.long_reward_normal_clip_len == 81  # 21 latent frames -> 21 x 4 - 3 pixels
+    assert cfg.adapter.alpha == 256.0 and cfg.lora_ckpt_alpha == 256.0  # alpha = rank
+    rows = {row.key: row for row in translate(data).rows}
+    assert rows["ppo_epochs"].value == "(absent)" and not rows["ppo_epochs"].present
+    assert rows["ppo_epochs"].result == "ppo_epochs = 3 (their default 3)"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"gradient_acumulation_steps": 2}, "did you mean 'gradient_accumulation_steps'?"),
+        ({"offload_model": True}, "did you mean 'offload_models'?"),
+        ({"adapter": {"rank": 256, "verbse": False}}, "did you mean 'adapter.verbose'?"),
+        ({"multinode": {"nodes": {"n0": {"ssh_hots": "h"}}}},
+         "did you mean 'multinode.nodes.<alias>.ssh_host'?"),
+        ({"lr_schedular": "cosine"}, "did you mean 'lr_scheduler'?"),
+    ],
+)  # fmt: skip
+def test_unknown_key_is_an_error_with_a_suggestion(tmp_path, edit, message):
+    data = _raw(LONGLIVE)
+    data.update(edit)
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    assert "unknown config key" in str(err.value) and message in str(err.value)
+
+
+def test_bad_values_of_their_keys_are_errors(tmp_path):
+    for key, value, message in (
+        ("per_step_protect_mode", "mechanism_3", "accepts mechanism_1 or mechanism_2"),
+        ("kl_loss_mode", "l2", "accepts discrete_kl or try_kl"),
+        ("eval_prompts", "everyone", "accepts an integer or world_size"),
+        ("policy_log_prob_mode", "l2_distance", "accepts only per_step"),
+        ("K", "eight", "K must be an integer"),
+    ):
+        data = _raw(LONGLIVE)
+        data[key] = value
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(tmp_path, data))
+
+
+def test_our_keys_in_the_file_and_overrides_win(tmp_path, capsys):
+    data = _raw(LONGLIVE)
+    data.update(sync_every=3, tau=1.0)
+    cfg = load_config(_write(tmp_path, data), ["K=4", "wan_model_path=/models/wan"])
+    assert (cfg.sync_every, cfg.tau, cfg.K, cfg.wan_model_path) == (3, 1.0, 4, "/models/wan")
+    err = capsys.readouterr().err
+    assert "sync_every: 3: this project's key in the file overrides 2 (from " in err
+    assert "tau: 1.0: this project's key in the file overrides 2.0 (from " in err
+    with pytest.raises(ConfigError, match="did you mean"):  # overrides are this project's keys
+        load_config(LONGLIVE, ["gradient_accumulation_steps=4"])
+
+
+def test_lines_are_printed_on_rank_zero_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    load_config(LONGLIVE)
+    assert capsys.readouterr().err == ""
+
+
+def test_scorers_are_the_registered_ones():
+    from kvpo.rewards.registry import _factory, available_rewards
+
+    for scorer, names in authors_config.SCORERS.items():
+        assert scorer in available_rewards(), scorer
+        assert set(names) <= set(_factory(scorer).names), scorer
+
+
+def test_check_prints_the_table_and_the_missing_paths(capsys):
+    assert main(["--config", str(LONGLIVE), "--check"]) == 0
+    out = capsys.readouterr().out
+    head, _, resolved = out.partition("\n{")
+    assert head.startswith(f"KVPO authors' config {LONGLIVE} -> this project's keys:")
+    for text in (
+        "  gradient_accumulation_steps  ", "sync_every = 2",
+        f"max_train_steps = {1500 * _per_step()} (1500 ",
+        "2 rollouts: 3000 rollouts, 3000 AdamW steps in both)",
+        "adapter.verbose ", "no effect here", "prompt_min_segments ", "not implemented here",
+        "wan_model_path = 'wan_models/Wan2.1-T2V-1.3B'",
+        "100 keys in the file: 71 mapped, 23 no effect here, 6 not implemented here",
+        "not found on this machine (a training run stops here): generator_ckpt: checkpoint "
+        "path 'checkpoints/longlive/models/longlive_base.pt' does not exist",
+        "not found on this machine (a training run stops here): data_path: prompt file",
+    ):  # fmt: skip
+        assert text in head, text
+    assert json.loads("{" + resolved)["sync_every"] == 2
+
+
+def test_check_still_fails_on_other_problems(capsys):
+    # missing paths alone are listed; a value that cannot run is still an error (rc 2)
+    assert main(["--config", str(LONGLIVE), "--check", "K=1"]) == 2
+    err = capsys.readouterr().err
+    assert "K (branches per group) must be >= 2, got 1" in err
+    assert "generator_ckpt: checkpoint path" in err  # every problem is listed
+    assert main(["--config", str(LONGLIVE), "--check", "--resume", "/no/such/run"]) == 2
+
+
+def test_subprocess_check_runs(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "kvpo.train", "--config", str(MEMFLOW), "--check"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "105 keys in the file: 71 mapped, 25 no effect here, 9 not implemented here" in (
+        run.stdout
+    )
+    assert "model_kwargs.bank_size: 3: not implemented here" in run.stderr
+
+
+def test_docs_page_is_generated():
+    page = ROOT / "docs" / "authors-config.md"
+    assert page.read_text() == authors_config.markdown(), (
+        "regenerate: python -m kvpo.training.authors_config --markdown > docs/authors-config.md"
+    )
+    text = page.read_text()
+    for rule in RULES:
+        assert f"| `{rule.key}` |" in text, rule.key
