@@ -120,11 +120,10 @@ RULES: tuple[Rule, ...] = (
     Rule("warp_denoising_step", MAPPED,
          "map the timesteps through the shifted flow-matching schedule",
          "warp_denoising_step", False),
-    Rule("last_step_only", NO_EFFECT,
-         "the distillation pipeline's exit step (last step, else a random one per block); the "
-         "KVPO rollout and replay do not call that path and run every denoising step",
-         "no effect here: every block runs every denoising step, as in the authors' KVPO "
-         "rollout (their trainer passes it to a pipeline method it never calls)"),
+    Rule("last_step_only", MAPPED,
+         "true: every block of the rollout runs every denoising step; false: each block stops "
+         "at a random step (one draw per rollout), its x0 prediction there is the block",
+         "true is this project's sampler; false is not implemented here (printed)", False),
     Rule("num_frame_per_block", MAPPED, "latent frames generated per block",
          "num_frame_per_block", 3),
     # ---- model
@@ -365,7 +364,9 @@ RULES: tuple[Rule, ...] = (
          "are built)", "no effect here, as in the authors' trainers"),
     Rule("long_reward_normal_clip_len", MAPPED,
          "pixel frames of each segment's clip, centred in the segment",
-         "long_reward_normal_clip_len (a value <= 0 is 1 frame in their code)", 81),
+         "long_reward_normal_clip_len (a value <= 0 is 1 frame in their code); default: "
+         "LongLive's 21 latent frames in pixels (81), MemFlow's 48 (a file with MemFlow's "
+         "model_kwargs)", 81),
     # ---- launcher and hardware
     Rule("num_gpus", NO_EFFECT, "launcher: torchrun --nproc_per_node=num_gpus",
          "no effect here: launch torchrun --nproc_per_node N -m kvpo.train; used only to "
@@ -428,6 +429,8 @@ MEMFLOW_ONLY = frozenset({
     "adapter.dtype",
 })  # fmt: skip
 """Keys of ``train_kvpo_memflow.yaml`` that ``train_kvpo_longlive.yaml`` does not have."""
+MEMFLOW_MODEL = ("model_kwargs.bank_size", "model_kwargs.record_interval", "model_kwargs.SMA")
+"""Keys that make a file MemFlow's (where their trainers' defaults differ)."""
 LAUNCHER_SPELLINGS = frozenset(f"{NODES}{ALIAS}.{k}" for k in ("host", "hostname", "port", "user"))
 """Keys neither file has that the authors' multi-node launcher reads as well."""
 
@@ -740,6 +743,18 @@ class _Translator:
 
     def schedule_and_model(self) -> None:
         self.same("denoising_step_list", conv=lambda v, k: _ints(v, k))
+        if _bool(self.get("last_step_only"), "last_step_only"):
+            self.row(
+                "last_step_only", "every block runs every denoising step (this project's sampler)"
+            )
+        else:
+            self.row("last_step_only", "not implemented here (false)", NOT_IMPLEMENTED)
+            self.note(
+                "last_step_only",
+                "not implemented here: their rollout stops every block "
+                "at one random denoising step (drawn per rollout) and keeps its x0 "
+                "prediction there; here every block runs every step; the run proceeds",
+            )
         self.same("warp_denoising_step", conv=_bool)
         self.same("num_frame_per_block", conv=_int)
         self.same("model_kwargs.local_attn_size", conv=_int)
@@ -1200,7 +1215,8 @@ class _Translator:
                 "their global reward is 0 for every video; here the global reward is "
                 "scored (train_global=false drops it); the run proceeds",
             )
-        default_clip = 21 * stride - (stride - 1)  # their num_training_frames 21, in pixels
+        memflow = any(k in self.leaves for k in MEMFLOW_MODEL)
+        default_clip = 48 if memflow else 21 * stride - (stride - 1)  # LongLive: 21 latent frames
         clip = _int(
             self.leaves.get("long_reward_normal_clip_len", default_clip),
             "long_reward_normal_clip_len",

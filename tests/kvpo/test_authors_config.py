@@ -37,7 +37,7 @@ PREFIX = "authors' config: "
 
 # keys with no effect here, each printed on one line of its own (multinode: one line)
 NO_EFFECT_LONGLIVE = [
-    "last_step_only", "eval_parallel_online_ema", "eval_parallel_online_ema_mode",
+    "eval_parallel_online_ema", "eval_parallel_online_ema_mode",
     "reward_batch_size", "long_reward_enable_transition", "long_reward_normal_weight",
     "long_reward_transition_weight", "long_reward_transition_clip_len", "num_gpus", "gpu_ids",
     "offload_models", "debug_save_first_video_group", "debug_video_group_fps",
@@ -127,8 +127,8 @@ def test_longlive_loads_with_their_values(capsys):
     assert (cfg.sampler_rule, cfg.dtype) == ("x0", "bfloat16")
     assert cfg.wan_model_path == "wan_models/Wan2.1-T2V-1.3B"
     assert capsys.readouterr().err.startswith(
-        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 71 mapped, "
-        "23 no effect here, 6 not implemented here"
+        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 72 mapped, "
+        "22 no effect here, 6 not implemented here"
     )
 
 
@@ -139,7 +139,8 @@ def test_memflow_loads_with_their_values(capsys):
     assert cfg.row_micro_batch == 4  # branch_backward_chunk_size 4
     assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
     assert (cfg.adapter.rank, cfg.adapter.alpha) == (256, 256.0)
-    assert "25 no effect here, 9 not implemented here" in capsys.readouterr().err.splitlines()[0]
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "72 mapped, 24 no effect here, 9 not implemented here" in first
     # the rest as LongLive's file: the two files differ in these keys only
     longlive = load_config(LONGLIVE)
     differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
@@ -182,7 +183,7 @@ def test_every_key_of_both_files_is_in_the_table():
 
 def test_rule_categories():
     counts = authors_config.rule_counts()
-    assert counts == {MAPPED: 71, NO_EFFECT: 26, NOT_IMPLEMENTED: 9}
+    assert counts == {MAPPED: 72, NO_EFFECT: 25, NOT_IMPLEMENTED: 9}
     for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master"):
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
     for key in ("model_kwargs.bank_size", "model_kwargs.SMA", "use_raw_weighted_reward_advantage",
@@ -228,7 +229,7 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
     data = _raw(LONGLIVE)
     data.update(
         kl_loss_mode="try_kl", use_raw_weighted_reward_advantage=True, global_sink=False,
-        min_update_entropy_ratio=0.1, long_reward_normal_weight=0.0,
+        min_update_entropy_ratio=0.1, long_reward_normal_weight=0.0, last_step_only=False,
         eval_reward_components=[{"name": "video_hpsv3", "weight": 1.0},
                                 {"name": "videoalign_ta", "weight": 1.0}],
     )  # fmt: skip
@@ -244,6 +245,7 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
         ("long_reward_normal_weight", "makes their global reward 0"),
         ("eval_reward_components", "here it scores reward_components"),
         ("model_kwargs.SMA", "top-3 bank frames"),
+        ("last_step_only", "stops every block at one random denoising step"),
     ):
         mine = [line for line in lines if line.startswith(f"{key}: ")]
         assert len(mine) == 1 and "not implemented here" in mine[0] and text in mine[0], key
@@ -319,6 +321,15 @@ def test_absent_keys_take_their_codes_defaults(tmp_path):
     rows = {row.key: row for row in translate(data).rows}
     assert rows["ppo_epochs"].value == "(absent)" and not rows["ppo_epochs"].present
     assert rows["ppo_epochs"].result == "ppo_epochs = 3 (their default 3)"
+    # last_step_only: their configs/default_config.yaml says false (random exit steps)
+    assert "last_step_only" not in translate(data).notes[0]
+    del data["last_step_only"]
+    notes = translate(data).notes
+    assert any(n.startswith("last_step_only: False: not implemented here") for n in notes)
+    # MemFlow's trainer defaults the segment clips to 48 pixel frames, LongLive's to 81
+    memflow = _raw(MEMFLOW)
+    del memflow["long_reward_normal_clip_len"]
+    assert translate(memflow).values["long_reward_normal_clip_len"] == 48
 
 
 @pytest.mark.parametrize(
@@ -391,7 +402,7 @@ def test_check_prints_the_table_and_the_missing_paths(capsys):
         "2 rollouts: 3000 rollouts, 3000 AdamW steps in both)",
         "adapter.verbose ", "no effect here", "prompt_min_segments ", "not implemented here",
         "wan_model_path = 'wan_models/Wan2.1-T2V-1.3B'",
-        "100 keys in the file: 71 mapped, 23 no effect here, 6 not implemented here",
+        "100 keys in the file: 72 mapped, 22 no effect here, 6 not implemented here",
         "not found on this machine (a training run stops here): generator_ckpt: checkpoint "
         "path 'checkpoints/longlive/models/longlive_base.pt' does not exist",
         "not found on this machine (a training run stops here): data_path: prompt file",
@@ -418,7 +429,7 @@ def test_subprocess_check_runs(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "105 keys in the file: 71 mapped, 25 no effect here, 9 not implemented here" in (
+    assert "105 keys in the file: 72 mapped, 24 no effect here, 9 not implemented here" in (
         run.stdout
     )
     assert "model_kwargs.bank_size: 3: not implemented here" in run.stderr
