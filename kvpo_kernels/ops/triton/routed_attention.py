@@ -9,6 +9,13 @@ two with masked loads (odd head dims work). Scores are in log2 units: ``s = q.k 
 - backward: ``delta = rowsum(dO * O) - dlse``; dQ per (query block, row, head) over all keys;
   dK/dV of the new tokens per (new-token block, row, kv head) over every query of the kv head's
   query heads (cached tokens get no gradient, so theirs are never formed).
+
+fp16/bf16 dots run on tensor cores. fp32 dots run in ieee precision (exact FMAs on CUDA cores,
+no tensor cores; slow, and every configuration spills registers) unless PyTorch allows TF32 for
+fp32 CUDA matmuls (:func:`fp32_precision`). Autotune configs whose shared memory cannot fit the
+device are pruned per dtype, head dim and precision (:func:`shared_memory_bound`).
+``python -m kvpo_kernels.aot_check`` compiles every configuration for sm_80 and sm_90 without a
+GPU and checks both (docs/triton-resources.md).
 """
 
 from __future__ import annotations
@@ -32,6 +39,89 @@ def _configs(block_m, block_n):
         for n in block_n
         for w, s in ((4, 2), (8, 3))
     ]
+
+
+# --- autotune pruning: configs whose shared memory cannot fit the device are never tried ------
+
+
+def shared_memory_bound(
+    kernel: str,
+    *,
+    elem_bytes: int,
+    precision: str,
+    capability: int,
+    block_d: int,
+    block_m: int,
+    block_n: int,
+    num_stages: int,
+) -> int:
+    """An upper bound on the shared memory (bytes) of ``kernel`` compiled with these parameters
+    for a GPU of compute capability ``capability`` (``10 * major + minor``).
+
+    A program keeps in shared memory the ``[*, BLOCK_D]`` tiles it loads once (q; q and dO; k and
+    v in dK/dV), buffers of the tiles streamed through its loop (k and v; q and dO in dK/dV) and
+    ``[BLOCK_M, BLOCK_N]`` probability tiles on their way into a dot. Buffers: 2 in the forward
+    and dQ loops, ``num_stages - 1`` in the dK/dV loop, one more where tensor-core dots are
+    pipelined with wgmma (sm_90 and later), 3 in the forward and dQ loops of fp32 dots in ieee
+    precision (FMA, no tensor cores). fp32 inputs count two probability tiles. Fitted to every
+    configuration compiled for sm_80 and sm_90 by ``python -m kvpo_kernels.aot_check``, which
+    fails if a compiled kernel ever exceeds it.
+    """
+    fma = elem_bytes == 4 and precision == "ieee"
+    extra = 1 if capability >= 90 and not fma else 0
+    if kernel == "_dkdv_kernel":
+        once, streamed, buffers = 2 * block_n, 2 * block_m, max(1, num_stages - 1) + extra
+    else:
+        once = block_m if kernel == "_forward_kernel" else 2 * block_m
+        streamed, buffers = 2 * block_n, (3 if fma else 2) + extra
+    tiles = (1 if elem_bytes == 2 else 2) * block_m * block_n
+    return elem_bytes * (block_d * (once + buffers * streamed) + tiles) + 1024
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """``(compute capability 10 * major + minor, bytes of shared memory a block may use)`` of a
+    CUDA device: the limit Triton's launcher checks a compiled kernel against."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return 10 * major + minor, props["max_shared_mem"]
+
+
+def _prune(kernel: str) -> dict:
+    """``prune_configs_by`` of ``kernel``: the configs whose :func:`shared_memory_bound` fits the
+    device, for the launch's dtype, head dim and precision (the autotune key has all three: Triton
+    adds the tensors' dtypes). Should none fit, the smallest is kept and its launch reports the
+    shortage (Triton's ``OutOfResources``).
+
+    fp32 dots in ieee precision are FMA loops whose tiles live in registers: every configuration
+    spills, and with 4 warps 2 to 20 times the bytes of the same tiles with 8 warps (and compiles
+    2 to 3 times slower), so only the 8-warp configs are tried for them.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        capability, limit = _device_limits(q.device)
+        if q.element_size() == 4 and kwargs["PRECISION"] == "ieee":
+            configs = [c for c in configs if c.num_warps == 8] or configs
+
+        def bound(config):
+            return shared_memory_bound(
+                kernel,
+                elem_bytes=q.element_size(),
+                precision=kwargs["PRECISION"],
+                capability=capability,
+                block_d=kwargs["BLOCK_D"],
+                block_m=config.kwargs["BLOCK_M"],
+                block_n=config.kwargs["BLOCK_N"],
+                num_stages=config.num_stages,
+            )
+
+        return [c for c in configs if bound(c) <= limit] or [min(configs, key=bound)]
+
+    return {"early_config_prune": prune}
+
+
+_KEY = ["BLOCK_D", "GROUP", "PRECISION"]
 
 
 @triton.jit
@@ -59,7 +149,9 @@ def _key_block(Pages, KNew, VNew, table_row, ctx, total, start, k_new_row, v_new
     return k, v, valid
 
 
-@triton.autotune(configs=_configs((64, 128), (32, 64)), key=["BLOCK_D", "GROUP"])
+@triton.autotune(
+    configs=_configs((64, 128), (32, 64)), key=_KEY, prune_configs_by=_prune("_forward_kernel")
+)
 @triton.jit
 def _forward_kernel(Q, KNew, VNew, Pages, Table, CtxLens, Out, Lse,
                     stride_qb, stride_ql, stride_qh, stride_knb, stride_knl, stride_knh,
@@ -129,7 +221,9 @@ def _delta_kernel(Out, DOut, DLse, Delta, stride_b, stride_l, stride_h, Lq, H, D
     tl.store(Delta + row, tl.sum(o * do, 1) - dlse, mask=offs_m < Lq)
 
 
-@triton.autotune(configs=_configs((64, 128), (32, 64)), key=["BLOCK_D", "GROUP"])
+@triton.autotune(
+    configs=_configs((64, 128), (32, 64)), key=_KEY, prune_configs_by=_prune("_dq_kernel")
+)
 @triton.jit
 def _dq_kernel(Q, KNew, VNew, Pages, Table, CtxLens, DOut, Lse, Delta, DQ,
                stride_qb, stride_ql, stride_qh, stride_knb, stride_knl, stride_knh,
@@ -173,7 +267,9 @@ def _dq_kernel(Q, KNew, VNew, Pages, Table, CtxLens, DOut, Lse, Delta, DQ,
     tl.store(DQ + at, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
 
-@triton.autotune(configs=_configs((32, 64), (64, 128)), key=["BLOCK_D", "GROUP"])
+@triton.autotune(
+    configs=_configs((32, 64), (64, 128)), key=_KEY, prune_configs_by=_prune("_dkdv_kernel")
+)
 @triton.jit
 def _dkdv_kernel(Q, KNew, VNew, DOut, Lse, Delta, DK, DV,
                  stride_qb, stride_ql, stride_qh, stride_knb, stride_knl, stride_knh,
@@ -219,13 +315,24 @@ def _dkdv_kernel(Q, KNew, VNew, DOut, Lse, Delta, DK, DV,
     tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=key_mask)
 
 
+def fp32_precision() -> str:
+    """``input_precision`` of fp32 dots: ``"tf32"`` when PyTorch lets fp32 CUDA matmuls use
+    TF32 (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, also set by
+    ``torch.set_float32_matmul_precision("high")`` or the older ``allow_tf32 = True``), else
+    ``"ieee"`` (PyTorch's default: exact fp32 products on CUDA cores, no tensor cores)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9; the older flag can raise
+        return "tf32" if matmul.fp32_precision == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
+
+
 def _common(q, kv_pages):
-    """Compile-time parameters shared by the kernels."""
+    """Compile-time parameters shared by the kernels (16-bit dots ignore ``PRECISION``)."""
     dim = q.shape[-1]
     return dict(
         GROUP=q.shape[2] // kv_pages.shape[3],
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=fp32_precision() if q.dtype == torch.float32 else "tf32",
     )
 
 
