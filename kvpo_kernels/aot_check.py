@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from unittest import mock
 
@@ -636,10 +636,6 @@ def _or_dash(n) -> str:
     return "-" if n is None else str(n)
 
 
-def _kib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1024:.1f}"
-
-
 def _fp32_paragraph(results: list[Result]) -> list[str]:
     """What the tables say about fp32 attention, with the counts of this run."""
     attention = [r for r in results if r.shared_bound is not None]
@@ -656,13 +652,23 @@ def _fp32_paragraph(results: list[Result]) -> list[str]:
             if too_big
             else ""
         )
+        starved = [r for r in ieee if r.regs == 32 and r.spills]
+        worst = max((r.spill_stores + r.spill_loads for r in ieee if r.spills), default=0)
+        detail = (
+            f" ptxas gives {len(starved)} of them only 32 registers; the largest spill traffic "
+            f"is {worst} B (stores + loads)."
+            if starved
+            else ""
+        )
         lines.append(
             "With PyTorch's default fp32 matmul precision the attention dots of fp32 tensors run "
             "in ieee precision: exact fp32 FMAs on CUDA cores, no tensor cores. "
             f"{sum(r.spills for r in ieee)} of the {len(ieee)} ieee configurations compiled here "
             f"spill registers ({sum(r.spills for r in picked)} of the {len(picked)} "
-            f"pickable){shortage}. fp32 attention works on a GPU, but slowly."
+            f"pickable){shortage}.{detail} The pruning tries only their 8-warp configurations, "
+            "which spill least. fp32 attention works on a GPU, but slowly."
         )
+        lines.append("")
     lines.append(
         'Setting `torch.backends.cuda.matmul.fp32_precision = "tf32"` (or '
         '`torch.set_float32_matmul_precision("high")`) makes the Triton attention kernels '
@@ -677,7 +683,8 @@ def _fp32_paragraph(results: list[Result]) -> list[str]:
 def markdown(results: list[Result], info: dict, command: str) -> str:
     limits = "; ".join(
         f"sm_{a} ({lim.gpu}): {lim.shared_per_block // 1024} KiB of shared memory, "
-        f"{lim.regs_per_thread} registers per thread, {lim.regs_per_block} per block"
+        f"({lim.shared_per_block} B), {lim.regs_per_thread} registers per thread, "
+        f"{lim.regs_per_block} per block"
         for a, lim in LIMITS.items()
     )
     lines = [
@@ -702,14 +709,14 @@ def markdown(results: list[Result], info: dict, command: str) -> str:
         "## Summary",
         "",
         "| arch | kernel | dtype | configs | pickable | pruned | cannot launch (pickable) "
-        "| spilling (pickable) | max shared KiB | max regs | tensor cores | compile s |",
+        "| spilling (pickable) | max shared B | max regs | tensor cores | compile s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for s in summary_rows(results):
         lines.append(
             f"| sm_{s['arch']} | {s['kernel']} | {s['dtype']} | {s['configs']} | {s['pickable']} "
             f"| {s['pruned']} | {s['not_launchable']} ({s['pickable_not_launchable']}) "
-            f"| {s['spilling']} ({s['pickable_spilling']}) | {_kib(s['max_shared'])} "
+            f"| {s['spilling']} ({s['pickable_spilling']}) | {s['max_shared']} "
             f"| {s['max_regs']} | {s['tensor_cores']} | {s['seconds']} |"
         )
     for arch in sorted({r.arch for r in results}):
@@ -717,20 +724,44 @@ def markdown(results: list[Result], info: dict, command: str) -> str:
             "",
             f"## sm_{arch} ({LIMITS[arch].gpu}), every configuration",
             "",
-            "| kernel | launched as | constexprs, warps, stages | pickable | shared KiB "
-            "| bound KiB | regs | spill st/ld B | tensor cores | CTAs/SM | launches | compile s |",
+            "| kernel | launched as | constexprs, warps, stages | pickable | shared B "
+            "| bound B | regs | spill st/ld B | tensor cores | CTAs/SM | launches | compile s |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
         ]
         for r in (r for r in results if r.arch == arch):
             spill = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
             verdict = "yes" if r.launchable else "**no**: " + "; ".join(r.problems)
             lines.append(
-                f"| {r.kernel} | {r.scenario} | {r.params} | {r.picked} | {_kib(r.shared)} "
-                f"| {_kib(r.shared_bound)} | {_or_dash(r.regs)} | {spill} "
+                f"| {r.kernel} | {r.scenario} | {r.params} | {r.picked} | {_or_dash(r.shared)} "
+                f"| {_or_dash(r.shared_bound)} | {_or_dash(r.regs)} | {spill} "
                 f"| {r.tensor_cores or '-'} | {_or_dash(r.ctas_per_sm)} | {verdict} "
                 f"| {r.seconds:.1f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+_OUTPUT_OPTIONS = ("--json", "--markdown", "--report-from", "--jobs", "--nice")
+
+
+def reproducing_command(argv: list[str]) -> str:
+    """The command line of a run without the options that do not change its results."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _OUTPUT_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in _OUTPUT_OPTIONS)):
+            kept.append(arg)
+    return " ".join(["python -m kvpo_kernels.aot_check", *kept])
+
+
+def load_results(path: Path) -> tuple[list[Result], dict, str]:
+    """``(results, versions, command)`` of a run saved with ``--json``."""
+    saved = json.loads(path.read_text())
+    names = {f.name for f in fields(Result)}
+    results = [Result(**{k: v for k, v in r.items() if k in names}) for r in saved["results"]]
+    return results, saved["versions"], reproducing_command(saved["command"].split()[3:])
 
 
 def _progress(result: Result, done: int, total: int) -> None:
@@ -782,28 +813,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nice", type=int, default=10, help="niceness increment (default 10)")
     parser.add_argument("--json", type=Path, help="write every result as JSON")
     parser.add_argument("--markdown", type=Path, help="write the resource tables as Markdown")
-    args = parser.parse_args(argv)
-    os.nice(args.nice)
-
-    from kvpo_kernels import registry
-
-    if registry.TRITON_INTERPRET:
-        raise RuntimeError("TRITON_INTERPRET was set when kvpo_kernels was imported")
-    start = time.perf_counter()
-    jobs = collect_jobs(
-        args.arch, args.dtypes, args.head_dims, args.kernels, args.groups, args.pickable_only
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        help="report a run saved with --json instead of compiling (other options ignored)",
     )
-    print(f"{len(jobs)} configurations to compile", flush=True)
-    results = run_jobs(jobs, args.jobs, _progress)
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    if args.report_from:
+        results, info, command = load_results(args.report_from)
+    else:
+        os.nice(args.nice)
+        from kvpo_kernels import registry
+
+        if registry.TRITON_INTERPRET:
+            raise RuntimeError("TRITON_INTERPRET was set when kvpo_kernels was imported")
+        jobs = collect_jobs(
+            args.arch, args.dtypes, args.head_dims, args.kernels, args.groups, args.pickable_only
+        )
+        print(f"{len(jobs)} configurations to compile", flush=True)
+        results = run_jobs(jobs, args.jobs, _progress)
+        info, command = versions(), reproducing_command(argv)
     elapsed = time.perf_counter() - start
-    info = versions()
-    command = "python -m kvpo_kernels.aot_check " + " ".join(argv)
-    if args.json:
+    if args.json and not args.report_from:
         args.json.write_text(
             json.dumps(
                 {
                     "versions": info,
-                    "command": command.strip(),
+                    "command": command,
                     "results": [
                         {**asdict(r), "launchable": r.launchable, "above_bound": r.above_bound}
                         for r in results
@@ -813,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if args.markdown:
-        args.markdown.write_text(markdown(results, info, command.strip()))
+        args.markdown.write_text(markdown(results, info, command))
     print()
     for s in summary_rows(results):
         print(
@@ -830,8 +868,9 @@ def main(argv: list[str] | None = None) -> int:
             why.append(f"shared memory {r.shared} B above the pruning bound {r.shared_bound} B")
         print(f"FAIL sm_{r.arch} {r.kernel} {r.scenario} {r.params}: {'; '.join(why)}")
     print(
-        f"{len(results)} configurations compiled in {elapsed:.0f} s; {len(bad)} failures "
-        "(pickable configurations that cannot launch, kernels above their pruning bound)"
+        f"{len(results)} configurations {'reported' if args.report_from else 'compiled'} in "
+        f"{elapsed:.0f} s; {len(bad)} failures (pickable configurations that cannot launch, "
+        "kernels above their pruning bound)"
     )
     return 1 if bad else 0
 

@@ -182,10 +182,10 @@ def test_command_line_reexecutes_without_the_interpreter(tmp_path):
     env = _env_without_interpreter()
     env["TRITON_INTERPRET"] = "1"
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
-    command = ["--arch", "80", "--dtypes", "fp16", "--kernels", "write_pages", "--nice", "0"]
-    command += ["--json", str(out_json), "--markdown", str(out_md)]
+    args = ["--arch", "80", "--dtypes", "fp16", "--kernels", "write_pages", "--nice", "0"]
+    args += ["--json", str(out_json), "--markdown", str(out_md)]
     run = subprocess.run(
-        [sys.executable, "-m", "kvpo_kernels.aot_check", *command],
+        [sys.executable, "-m", "kvpo_kernels.aot_check", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -200,3 +200,14 @@ def test_command_line_reexecutes_without_the_interpreter(tmp_path):
     text = out_md.read_text()
     assert "## sm_80 (A100), every configuration" in text
     assert "write_pages._write_pages_kernel" in text
+    # a saved run renders the same tables again, with the command that reproduces it
+    saved, versions, command = aot_check.load_results(out_json)
+    assert command == "python -m kvpo_kernels.aot_check " + " ".join(args[:6])
+    assert aot_check.markdown(saved, versions, command) == text
+
+
+def test_reproducing_command_drops_output_options():
+    argv = ["--arch", "90", "--jobs", "2", "--json", "a.json", "--markdown=b.md", "--pickable-only"]
+    assert aot_check.reproducing_command(argv) == (
+        "python -m kvpo_kernels.aot_check --arch 90 --pickable-only"
+    )
