@@ -227,19 +227,20 @@ class TrainConfig:
     )
     lr_scheduler: str = _f(
         "constant_with_warmup",
-        "learning-rate schedule",
+        "diffusers' get_scheduler LR schedule, one step per training step; its step 0 skipped",
         choices=("constant", "constant_with_warmup", "cosine", "linear"),
     )
-    lr_warmup_steps: int = _f(5, "linear warmup steps")
+    lr_warmup_steps: int = _f(5, "warmup training steps W: step s (from 0) at lr * (s + 1) / W")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2")
     max_grad_norm: float = _f(1.0, "gradient-norm clip (0 = off)")
     ema_decay: float = _f(0.999, "EMA of the trainable weights (0 = off)")
     sync_every: int = _f(
-        2, "old policy re-synced every N rollouts (the reference's gradient_accumulation_steps)"
-    )
-    max_train_steps: int = _f(100, "training steps (one group per rank each)")
+        2, "rollouts per training step (the reference's gradient_accumulation_steps), at whose "
+        "end the old policy is re-synced and the LR schedule advanced; AdamW steps every rollout"
+    )  # fmt: skip
+    max_train_steps: int = _f(50, "training steps (x sync_every rollouts, one group per rank)")
     seed: int = _f(42, "base seed (per-rank and per-step seeds derive from it)")
     adapter: AdapterConfig = _f(AdapterConfig(), "LoRA adapter (see adapter.*)")
     max_consecutive_skips: int = _f(3, "stop after this many skipped (NaN/inf) steps in a row")

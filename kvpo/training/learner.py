@@ -26,6 +26,7 @@ A step whose rewards or loss are not finite is skipped on every rank.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,9 +65,25 @@ class SkippedStep(RuntimeError):
 
 @dataclass
 class Counters:
-    """Progress that a checkpoint must carry to resume exactly."""
+    """Progress that a checkpoint must carry to resume exactly.
+
+    A *training step* is ``sync_every`` rollouts, as one step of the KVPO authors' ``self.step``
+    is ``gradient_accumulation_steps`` rollouts: each rollout makes ``ppo_epochs`` AdamW updates;
+    at the end of the step the old policy is re-synced, the LR schedule advanced once and
+    ``step`` counted (:meth:`Learner.end_rollout`). ``max_train_steps``, ``lr_warmup_steps`` and the
+    ``*_interval_steps`` count training steps; a run makes ``max_train_steps * sync_every``
+    rollouts and ``max_train_steps * sync_every * ppo_epochs`` updates (skipped rollouts included,
+    without their updates).
+
+    ``step``: training steps done (the scheduler's ``last_epoch`` is ``step + 1``).
+    ``rollouts``: rollouts done, skipped ones included; the next rollout's index, which seeds its
+    prompts, routing plan and noise. ``since_sync``: rollouts since the last old-policy sync
+    (``rollouts == step * sync_every + since_sync``). ``consecutive_skips`` / ``skipped``:
+    skipped rollouts in a row / in all.
+    """
 
     step: int = 0
+    rollouts: int = 0
     since_sync: int = 0
     consecutive_skips: int = 0
     skipped: int = 0
@@ -129,9 +146,10 @@ class Learner:
         broadcast_parameters(self.params, self.info)
         freeze_copy(self.model, "default", "old")
         betas = (cfg.beta1, cfg.beta2)
+        # the schedule counts training steps (one scheduler step each, in end_rollout)
         self.optimizer, self.scheduler = build_optimizer(
             self.params, cfg.lr, betas, cfg.weight_decay, cfg.lr_scheduler,
-            cfg.lr_warmup_steps, cfg.max_train_steps * cfg.ppo_epochs,
+            cfg.lr_warmup_steps, cfg.max_train_steps,
         )  # fmt: skip
         self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -344,27 +362,37 @@ class Learner:
         }
 
     def apply_update(self, timer: PhaseTimer) -> dict:
-        """Average the gradients over ranks, clip, step AdamW and the LR schedule, update the
-        EMA."""
+        """Average the gradients over ranks, clip, step AdamW, update the EMA. The LR (logged as
+        ``lr``) is the one AdamW steps with; the schedule advances per training step, in
+        :meth:`end_rollout`."""
         cfg = self.cfg
         with timer("update"):
             average_gradients(self.params, self.info)
             norm = grad_norm(self.params)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
-            self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.named_params)
         return {"grad_norm": norm, "lr": lr}
 
     def end_rollout(self) -> None:
-        """Count a finished rollout; re-sync the old policy every ``sync_every`` rollouts."""
-        self.counters.since_sync += 1
-        if self.counters.since_sync >= self.cfg.sync_every:
+        """Count a finished (or skipped) rollout; every ``sync_every`` rollouts end a training
+        step: re-sync the old policy, advance the LR schedule, count the step (the KVPO
+        authors' accumulation boundary; see :class:`Counters`)."""
+        counters = self.counters
+        counters.rollouts += 1
+        counters.since_sync += 1
+        if counters.since_sync >= self.cfg.sync_every:
             freeze_copy(self.model, "default", "old")
-            self.counters.since_sync = 0
+            with warnings.catch_warnings():  # a first step whose rollouts were all skipped
+                warnings.filterwarnings(
+                    "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                )
+                self.scheduler.step()
+            counters.step += 1
+            counters.since_sync = 0
 
     def _reward_metrics(self, local, global_, adv, ro) -> dict:
         record = {}

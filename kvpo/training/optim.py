@@ -1,44 +1,55 @@
-"""Optimisation pieces of the update: AdamW, the LR schedule, the EMA of the trainable weights."""
+"""Optimisation pieces of the update: AdamW, the LR schedule (diffusers'), the EMA of the trainable
+weights."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
+from diffusers.optimization import get_scheduler
+from torch.optim.lr_scheduler import LambdaLR
 
+# diffusers' schedule names (``diffusers.optimization.SchedulerType``) offered: the ones the KVPO
+# authors' config lists. diffusers' ``polynomial`` and ``cosine_with_restarts`` need their power /
+# cycles and ``piecewise_constant`` its step rules, which have no config key here.
 SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 
 
-def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
-    """Multiplier of the base LR at optimizer step ``step`` (0-based).
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int
+) -> LambdaLR:
+    """diffusers' LR schedule ``kind`` for a run of ``total`` training steps, its step 0 done.
 
-    Warmup (every kind but ``constant``): ``(step + 1) / warmup`` for the first ``warmup`` steps
-    (no step runs at LR 0); then 1 (``constant_with_warmup``), a half cosine to 0
-    (``cosine``) or a straight line to 0 (``linear``) at ``total`` steps.
+    The schedule is ``diffusers.optimization.get_scheduler(kind, optimizer, warmup, total + 1)``
+    built as if resumed after its step 0 (``last_epoch=0``): training step ``s`` (0-based) runs
+    at diffusers' factor of step ``s + 1``, and the caller steps the scheduler once at the end of
+    every training step. Diffusers' step 0 is 0 in warmup (``constant_with_warmup``: ``k /
+    warmup`` at step ``k``), so a loop that starts at it, as the KVPO authors' does, makes its
+    first training step's updates at LR 0; here the first runs at ``lr / warmup`` and the LR is
+    full from step ``warmup - 1`` on. The one extra step in the length keeps the decaying kinds
+    (``linear``, ``cosine``, ...) above 0 at the last step ``total - 1``, where diffusers' own
+    step ``total`` would be 0 (docs/reference-differences.md, "Step counting and learning rate").
     """
     if kind not in SCHEDULES:
-        raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {kind!r}")
-    if kind == "constant":
-        return 1.0
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant_with_warmup":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0 - progress
+        raise ValueError(
+            f"lr_scheduler must be one of {SCHEDULES} (diffusers.optimization.get_scheduler "
+            f"names; its polynomial, cosine_with_restarts and piecewise_constant are not offered), "
+            f"got {kind!r}"
+        )
+    for group in optimizer.param_groups:  # what a LambdaLR resumed at last_epoch >= 0 reads
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler(
+        kind, optimizer, num_warmup_steps=warmup, num_training_steps=total + 1, last_epoch=0
+    )
 
 
 def build_optimizer(
     params: list[torch.nn.Parameter], lr, betas, weight_decay, kind, warmup, total
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over ``params`` and its LR schedule (:func:`build_scheduler`: ``kind``, ``warmup``
+    and ``total`` counted in training steps)."""
     optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, kind, warmup, total)
-    )
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, kind, warmup, total)
 
 
 class EMA:

@@ -1,9 +1,10 @@
 """A trainer's resumable state <-> :class:`~kvpo.training.checkpoint.TrainingState`.
 
 Saved: the policy adapter (``"default"``), the old-policy adapter (``"old"``), the EMA, AdamW and
-the LR schedule, the step counters, and rank 0's global RNG states. Every
-random draw of a step (routing plan, prompts, noise) is seeded by ``(seed, step, rank)``, so a
-resumed run repeats the uninterrupted one bit for bit.
+the LR schedule, the counters (:class:`~kvpo.training.learner.Counters`: training steps, rollouts,
+rollouts since the last sync, skips), and rank 0's global RNG states. Every random draw of a
+rollout (routing plan, prompts, noise) is seeded by ``(seed, rollout index, rank)``, so a resumed
+run repeats the uninterrupted one bit for bit, also from a checkpoint taken inside a sync period.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def save_state(trainer, run_dir: str | Path, rng: dict, write: bool = True) -> P
 def load_state(trainer, path: str | Path) -> None:
     """Restore ``trainer`` from the checkpoint at ``path`` (run dir or checkpoint dir)."""
     state = load_checkpoint(path)
+    if "rollouts" not in state.extra["counters"]:
+        raise ValueError(
+            f"checkpoint {path} predates training steps of sync_every rollouts (its step counts "
+            "rollouts and its LR schedule was stepped per update): it cannot resume exactly; "
+            "start a new run (lora_ckpt=<run>/adapter/adapter_model.safetensors keeps its weights)"
+        )
     for adapter, weights in (("default", state.policy), ("old", state.old_policy)):
         params = lora_parameters(trainer.model, adapter)
         if set(params) != set(weights):

@@ -175,7 +175,17 @@ class KVPOTrainer:
         return scores
 
     def steps(self) -> None:
-        """The step loop from the current step to ``max_train_steps``."""
+        """Rollouts until ``max_train_steps`` training steps are done.
+
+        A training step is ``sync_every`` rollouts (the KVPO authors'
+        ``gradient_accumulation_steps``; :class:`~kvpo.training.learner.Counters`): a run makes
+        ``max_train_steps * sync_every`` rollouts, skipped ones included. The metrics of each
+        rollout are written (their ``step`` is the rollout's index, ``train_step`` the training
+        step it belongs to) in the training steps ``log_interval`` divides; progress, samples,
+        evaluation and checkpoints come at the end of a training step, every
+        ``progress_interval`` / ``*_interval_steps`` training steps (as in the authors' loop), so
+        a checkpoint is always taken right after an old-policy sync.
+        """
         cfg, learner = self.cfg, self.learner
         counters = learner.counters
         self.progress = Progress(
@@ -183,53 +193,62 @@ class KVPOTrainer:
             enabled=self.main and cfg.show_progress,
         )  # fmt: skip
         try:
-            for step in range(counters.step, cfg.max_train_steps):
-                with self.progress.phases(PHASES, f"step {step}") as bar:
-                    record = self._step(step, PhaseTimer(self.info.device, bar))
-                self._after_step(step, record)
+            while counters.step < cfg.max_train_steps:
+                rollout, step = counters.rollouts, counters.step
+                desc = f"step {step} rollout {counters.since_sync + 1}/{cfg.sync_every}"
+                with self.progress.phases(PHASES, desc) as bar:
+                    record = self._step(rollout, PhaseTimer(self.info.device, bar))
+                record["train_step"] = step
+                self._after_step(rollout, step, record)
         finally:
             self.progress.close()
             self.progress = None
 
-    def _step(self, step: int, timer: PhaseTimer) -> dict:
+    def _step(self, rollout: int, timer: PhaseTimer) -> dict:
+        """Rollout ``rollout`` and its updates; a skipped rollout is counted all the same."""
         cfg, counters = self.cfg, self.learner.counters
         try:
-            record = self.learner.train_step(step, timer)
+            record = self.learner.train_step(rollout, timer)  # counts the rollout (end_rollout)
             counters.consecutive_skips = 0
         except SkippedStep as err:
             record = {"skipped": str(err)}
+            self.learner.end_rollout()
             counters.skipped += 1
             counters.consecutive_skips += 1
-            self.log(f"step {step} skipped: {err}")
+            self.log(f"rollout {rollout} (training step {counters.step}) skipped: {err}")
             if counters.consecutive_skips >= cfg.max_consecutive_skips:
                 raise RuntimeError(
                     f"{counters.consecutive_skips} consecutive steps skipped (last: {err}); "
                     "stopping. Lower lr, check the reward model, or raise max_consecutive_skips."
                 ) from err
-        counters.step = step + 1
         record["time"] = dict(timer.seconds)
         record["peak_memory_bytes"] = peak_memory_bytes(self.info.device)
         return record
 
-    def _after_step(self, step: int, record: dict) -> None:
+    def _after_step(self, rollout: int, step: int, record: dict) -> None:
+        """Metrics of rollout ``rollout`` (of training step ``step``); at the end of a training
+        step, progress, samples, evaluation and checkpoints at their intervals."""
         cfg = self.cfg
+        if (step + 1) % cfg.log_interval == 0 or "skipped" in record:
+            self.logger.log(rollout, record)
+        done = self.learner.counters.step
+        if done == step:  # the training step goes on
+            return
         signal = "reward_global" if cfg.train_global else "reward_local"
         totals = record.get(f"{signal}/total/branches")
         mean = None if totals is None else float(totals.mean())
-        done = [r for r in gather_objects(mean, self.info) if r is not None]
-        branch = sum(done) / len(done) if done else None  # mean over ranks, for the progress
-        if (step + 1) % cfg.log_interval == 0 or "skipped" in record:
-            self.logger.log(step, record)
-        self.progress.update(step + 1, reward=branch, loss=record.get("loss"))
+        gathered = [r for r in gather_objects(mean, self.info) if r is not None]
+        branch = sum(gathered) / len(gathered) if gathered else None  # mean over ranks
+        self.progress.update(done, reward=branch, loss=record.get("loss"))
         every = cfg.sample_interval_steps
-        if every and (step + 1) % every == 0 and self.main and "skipped" not in record:
-            self.write_samples(step + 1, record)
-        if cfg.eval_interval_steps and (step + 1) % cfg.eval_interval_steps == 0:
-            scores = self.evaluate(f"step{step + 1:05d}")
+        if every and done % every == 0 and self.main and "skipped" not in record:
+            self.write_samples(done, record)
+        if cfg.eval_interval_steps and done % cfg.eval_interval_steps == 0:
+            scores = self.evaluate(f"step{done:05d}")
             means = {k: sum(v) / len(v) for k, v in scores.items()}
             means["total"] = sum(w * means[k] for k, w in cfg.reward_weights.items())
-            self.logger.log(step, {"eval": means})
-        if cfg.save_interval_steps and (step + 1) % cfg.save_interval_steps == 0:
+            self.logger.log(rollout, {"eval": means})
+        if cfg.save_interval_steps and done % cfg.save_interval_steps == 0:
             self.save()
 
     def write_samples(self, step: int, record: dict) -> None:
@@ -263,7 +282,11 @@ class KVPOTrainer:
         if records:
             write_reward_curve(records, self.run_dir / "reward_curve.png")
             write_training_curves(records, self.run_dir / "training_curves.png")
-        summary = {"steps": counters.step, "skipped": counters.skipped}
+        summary = {
+            "steps": counters.step,
+            "rollouts": counters.rollouts,
+            "skipped": counters.skipped,
+        }
         if before is not None and after is not None:
             stats = paired_summary(before, after, cfg.reward_weights)
             summary["heldout"] = [s.to_dict() for s in stats]

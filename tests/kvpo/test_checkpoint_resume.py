@@ -1,5 +1,7 @@
-"""Checkpoints: exact round trips, atomic writes, a resumed run equal to an uninterrupted one."""
+"""Checkpoints: exact round trips, atomic writes, a resumed run equal to an uninterrupted one (also
+from inside a sync period)."""
 
+import dataclasses
 import os
 import random
 
@@ -108,18 +110,19 @@ def test_keep_last_and_errors(tmp_path):
 
 
 def test_interrupted_run_resumes_bit_exactly(tmp_path):
-    """3 steps in one go == 2 steps, stop, ``--resume`` for the third (sync_every = 2, so the
-    resumed step starts right after an old-policy sync)."""
+    """2 training steps in one go == 1 step, stop, ``--resume`` for the second (sync_every = 2:
+    a step is 2 rollouts, and the resumed step starts right after an old-policy sync)."""
     from kvpo.train import main
     from tests.kvpo.trainer_fixtures import tiny_args, tiny_generator_dir
 
     weights = tiny_generator_dir(tmp_path / "weights")
     quiet = ("eval_before=false", "eval_after=false")
-    assert main(tiny_args(weights, tmp_path, "run_name=full", "max_train_steps=3", *quiet)) == 0
-    assert main(tiny_args(weights, tmp_path, "run_name=part", "max_train_steps=2", *quiet)) == 0
-    assert main(["--resume", str(tmp_path / "part"), "max_train_steps=3"]) == 0
+    assert main(tiny_args(weights, tmp_path, "run_name=full", "max_train_steps=2", *quiet)) == 0
+    assert main(tiny_args(weights, tmp_path, "run_name=part", "max_train_steps=1", *quiet)) == 0
+    assert load_checkpoint(tmp_path / "part").extra["counters"]["rollouts"] == 2
+    assert main(["--resume", str(tmp_path / "part"), "max_train_steps=2"]) == 0
     full, part = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
-    assert full.step == part.step == 3
+    assert full.step == part.step == 2
     for a, b in (
         (full.policy, part.policy),
         (full.old_policy, part.old_policy),
@@ -129,7 +132,9 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path):
     for pid, entries in full.optimizer["state"].items():
         for name, value in entries.items():
             assert torch.equal(value, part.optimizer["state"][pid][name])
-    assert full.extra["counters"] == part.extra["counters"]
+    assert full.scheduler == part.scheduler
+    counters = {"step": 2, "rollouts": 4, "since_sync": 0, "consecutive_skips": 0, "skipped": 0}
+    assert full.extra["counters"] == part.extra["counters"] == counters
     lines = [
         [line for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         for run in ("full", "part")
@@ -137,9 +142,86 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path):
     import json
 
     last = [json.loads(x[-1]) for x in lines]
-    assert last[0]["step"] == last[1]["step"] == 2
-    for key in ("loss", "energy/current", "advantage/final", "grad_norm", "routing/plan"):
+    assert last[0]["step"] == last[1]["step"] == 3  # the fourth rollout
+    assert last[0]["train_step"] == last[1]["train_step"] == 1
+    for key in ("loss", "energy/current", "advantage/final", "grad_norm", "routing/plan", "lr"):
         assert last[0][key] == last[1][key], key
+
+
+def test_resume_inside_a_sync_period_continues_bit_exactly(tmp_path):
+    """sync_every = 3: a checkpoint after the first rollout of a training step (old policy not
+    yet re-synced, the LR schedule not yet advanced), loaded into a fresh learner, continues
+    exactly as the learner that wrote it through the step's end (sync, schedule step) and into
+    the next step."""
+    from kvpo.models.lora import lora_parameters
+    from kvpo.training.distributed import DistInfo
+    from kvpo.training.learner import Counters
+    from kvpo.training.state import load_state, save_state
+    from kvpo.training.trainer import build_learner
+    from tests.kvpo.trainer_fixtures import tiny_config, tiny_generator_dir
+
+    weights = tiny_generator_dir(tmp_path / "weights")
+    cfg = tiny_config(weights, tmp_path, "sync_every=3", "lr_warmup_steps=2", "lr=1e-3")
+    torch.manual_seed(0)
+    first = build_learner(cfg, DistInfo())
+    first.train_step(0)
+    first.end_rollout()  # a skipped rollout counts too: its index 1 is spent
+    save_state(first, tmp_path / "run", capture_rng())
+    assert first.counters == Counters(step=0, rollouts=2, since_sync=2)
+
+    torch.manual_seed(1)  # another LoRA initialisation: the checkpoint must overwrite it
+    second = build_learner(cfg, DistInfo())
+    load_state(second, tmp_path / "run")
+    rng = capture_rng()
+
+    def named(learner, adapter):
+        return lora_parameters(learner.model, adapter)
+
+    def snapshot(learner):
+        return {
+            "default": {k: v.detach().clone() for k, v in named(learner, "default").items()},
+            "old": {k: v.detach().clone() for k, v in named(learner, "old").items()},
+            "ema": {k: v.clone() for k, v in learner.ema.shadow.items()},
+            "optimizer": learner.optimizer.state_dict(),
+            "scheduler": learner.scheduler.state_dict(),
+            "counters": dataclasses.replace(learner.counters),
+            "lr": learner.optimizer.param_groups[0]["lr"],
+        }
+
+    old = named(first, "old")
+    assert any(not torch.equal(old[k.replace(".default.", ".old.")], v)
+               for k, v in named(first, "default").items())  # fmt: skip
+    # the warmup's first factor until the step ends: lr * 1 / 2
+    assert first.optimizer.param_groups[0]["lr"] == second.optimizer.param_groups[0]["lr"] == 5e-4
+    runs = []
+    for learner in (first, second):
+        restore_rng(rng)
+        records = [learner.train_step(rollout) for rollout in (2, 3)]
+        runs.append((records, snapshot(learner)))
+    (rec_a, a), (rec_b, b) = runs
+    assert a["counters"] == b["counters"] == Counters(step=1, rollouts=4, since_sync=1)
+    assert a["lr"] == b["lr"] == 1e-3 and [r["lr"] for r in rec_a] == [5e-4, 1e-3]
+    assert [r["loss"] for r in rec_a] == [r["loss"] for r in rec_b]
+    assert a["scheduler"] == b["scheduler"]
+    for key in ("default", "old", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for pid, entries in a["optimizer"]["state"].items():
+        for name, value in entries.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name])
+
+
+def test_checkpoint_that_counts_rollouts_as_steps_is_refused(tmp_path):
+    """A checkpoint written before a training step was sync_every rollouts (no ``rollouts``
+    counter) cannot resume exactly and says so."""
+    from kvpo.training.state import load_state
+
+    model, opt, sched, _ = _trained_linear(2)
+    state = _state(2, model, opt, sched)
+    state.extra = {"counters": {"step": 2, "since_sync": 0, "consecutive_skips": 0, "skipped": 0}}
+    save_checkpoint(tmp_path, state)
+    with pytest.raises(ValueError, match="predates training steps of sync_every rollouts"):
+        load_state(None, tmp_path)
 
 
 def test_exported_adapter_starts_a_new_run_as_its_base(tmp_path):
