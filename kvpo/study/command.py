@@ -9,7 +9,7 @@ gain. Writes ``study.md``, ``study.json``, plots and one branch grid per mode in
 they mean: docs/study.md.
 
     kvpo study                                    # toy default: 8 prompts x 2 seeds, 4 modes
-    kvpo study --train-steps 100                  # also train 100 steps per mode
+    kvpo study --train-steps 50                   # also train 50 steps (100 rollouts) per mode
     kvpo study --modes kv_routing,noise_injection m_nearest_frames=3 cpu_threads=1
 
 Trainer config keys are ``key=value`` overrides as for ``kvpo train``; they apply to every mode
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="runs/study", help="output directory (runs/study)")
     parser.add_argument(
-        "--train-steps", type=int, default=0, help="also train this many steps per mode (0: no)"
+        "--train-steps",
+        type=int,
+        default=0,
+        help="also train this many training steps (of sync_every rollouts) per mode (0: no)",
     )
     parser.add_argument(
         "--no-attention", action="store_true", help="skip the attention-mass measurement"

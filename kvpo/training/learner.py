@@ -14,9 +14,10 @@ Per step (one prompt group per rank):
    (adapters disabled) policy, once per rollout (:mod:`kvpo.method.replay`);
 5. ``ppo_epochs`` times: the current policy's replay with grad, the objective
    (:func:`kvpo.method.policy.policy_loss`) against the fixed old and reference energies,
-   gradients averaged over ranks, grad-norm clip, AdamW + schedule, EMA;
-6. the old policy is re-synced every ``sync_every`` rollouts; the ratio of the first update
-   after each sync is logged (it must be exactly 1).
+   gradients averaged over ranks, grad-norm clip, AdamW, EMA;
+6. every ``sync_every`` rollouts (one *training step*) the old policy is re-synced and the
+   learning-rate schedule advances; the ratio of the first update after each sync is logged
+   (it must be exactly 1).
 
 With ``row_micro_batch`` smaller than G the current policy's replay runs in two passes: energies
 without grad for the whole group, ``dL/dE`` on them, then each micro-batch again with grad,

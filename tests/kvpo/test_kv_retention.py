@@ -4,9 +4,9 @@ Layout: sink 3, local window 12, 33 resident frames, blocks of 3, P = 5 routed b
 G = 8 branches + the anchor, 72 latent frames with prompt switches at 30 and 57 (recache of the
 last 12 frames at each): the window from frame 24 has a switch inside it, the one from frame 42
 a switch in the prefix and one in the continuation. The bound is counted here from the layout,
-not from the cache's code: the shared history (sink, the default window at the fork, every branch's routed frames) plus
-``local_attn_size`` frames per row in flight. Outputs are checked against rows generated from
-frame 0 in a plain (non-lean) cache.
+not from the cache's code: the shared history (sink, the default window at the fork, every
+branch's routed frames) plus ``local_attn_size`` frames per row in flight. Outputs are checked
+against rows generated from frame 0 in a plain (non-lean) cache.
 """
 
 import pytest

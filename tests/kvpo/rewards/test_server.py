@@ -168,7 +168,7 @@ def test_the_run_continues_after_a_server_restart(server, weights, tmp_path):
         return remote(videos, prompts, metadata)
 
     reward.names = remote.names
-    trainer, train = run(weights, tmp_path, reward, "max_train_steps=3")
+    trainer, train = run(weights, tmp_path, reward, "max_train_steps=3", "sync_every=1")
     summary = train()
     assert summary["steps"] == 3 and len(calls) == 9
     lines = [
