@@ -145,7 +145,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     A file in the KVPO authors' format (their ``train_kvpo_*.yaml``) is translated into this
     project's keys first, printing a line per key that has no effect here or is not implemented
-    (:mod:`kvpo.training.authors_config`); overrides are this project's keys."""
+    (:mod:`kvpo.training.authors`); overrides are this project's keys."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -155,10 +155,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-        from kvpo.training import authors_config
+        from kvpo.training import authors
 
-        if authors_config.is_authors_format(data):  # the KVPO authors' own YAML, translated
-            data = authors_config.load(data, source=path)
+        if authors.is_authors_format(data):  # the KVPO authors' own YAML, translated
+            data = authors.load(data, source=path)
     return from_dict(apply_overrides(data, overrides or []))
 
 

@@ -1,4 +1,4 @@
-"""The KVPO authors' training YAML files load unchanged (kvpo.training.authors_config).
+"""The KVPO authors' training YAML files load unchanged (kvpo.training.authors).
 
 The fixtures hold every key and value of the authors' ``configs/train_kvpo_longlive.yaml`` and
 ``configs/train_kvpo_memflow.yaml``; the expected values below are written out from those
@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from kvpo.train import main
-from kvpo.training import authors_config
-from kvpo.training.authors_config import (
+from kvpo.training import authors
+from kvpo.training.authors import (
     MAPPED,
     NO_EFFECT,
     NOT_IMPLEMENTED,
@@ -22,7 +22,7 @@ from kvpo.training.authors_config import (
     flatten,
     is_authors_format,
     mapping_table,
-    steps_are_sync_windows,
+    pattern,
     translate,
 )
 from kvpo.training.config import ConfigError
@@ -67,12 +67,6 @@ def _write(tmp_path, data, name="c.yaml"):
     return path
 
 
-def _per_step() -> int:
-    """This project's steps per authors' training step (of 2 rollouts in both files): 1 where a
-    training step is sync_every rollouts, 2 where it is one rollout."""
-    return 1 if steps_are_sync_windows() else 2
-
-
 def _lines(err: str) -> list[str]:
     return [line[len(PREFIX) :] for line in err.splitlines() if line.startswith(PREFIX)]
 
@@ -113,10 +107,8 @@ def test_longlive_loads_with_their_values(capsys):
     assert cfg.weight_decay == 0.01 and cfg.max_grad_norm == 1.0 and cfg.ema_decay == 0.999
     # their gradient_accumulation_steps 2 is the sync period; their step is 2 rollouts
     assert cfg.sync_every == 2
-    per = _per_step()
-    assert cfg.max_train_steps == 1500 * per
-    assert cfg.lr_warmup_steps == (5 if per == 1 else 10)  # AdamW steps where a step is 1 rollout
-    assert (cfg.save_interval_steps, cfg.eval_interval_steps) == (2 * per, 2 * per)
+    assert (cfg.max_train_steps, cfg.lr_warmup_steps) == (1500, 5)  # training steps, as theirs
+    assert (cfg.save_interval_steps, cfg.eval_interval_steps) == (2, 2)
     assert cfg.eval_prompts == 8 and cfg.eval_seeds == 1 and cfg.eval_use_ema  # world_size = 8
     assert cfg.seed == 42
     assert [(c.name, c.weight) for c in cfg.reward_components] == [("video_hpsv3", 1.0)]
@@ -164,9 +156,9 @@ def test_every_key_of_both_files_is_in_the_table():
         rows = {row.key: row for row in translation.rows if row.present}
         assert set(rows) == set(leaves)
         for key in leaves:
-            pattern = authors_config._pattern(key)
-            assert pattern in RULE_BY_KEY, key
-            seen.add(pattern)
+            spelling = pattern(key)
+            assert spelling in RULE_BY_KEY, key
+            seen.add(spelling)
         table = mapping_table(translation, path)
         for key in leaves:
             assert f"  {key} " in table, key
@@ -174,15 +166,15 @@ def test_every_key_of_both_files_is_in_the_table():
     # and the table holds no key that neither file has, but the launcher's ssh spellings
     spare = {r.key for r in RULES} - seen
     assert spare == {f"multinode.nodes.<alias>.{k}" for k in ("host", "hostname", "port", "user")}
-    assert spare == authors_config.LAUNCHER_SPELLINGS
-    memflow_only = {authors_config._pattern(k) for k, _ in flatten(_raw(MEMFLOW))} - {
-        authors_config._pattern(k) for k, _ in flatten(_raw(LONGLIVE))
+    assert spare == authors.LAUNCHER_SPELLINGS
+    memflow_only = {pattern(k) for k, _ in flatten(_raw(MEMFLOW))} - {
+        pattern(k) for k, _ in flatten(_raw(LONGLIVE))
     }
-    assert memflow_only == authors_config.MEMFLOW_ONLY
+    assert memflow_only == authors.MEMFLOW_ONLY
 
 
 def test_rule_categories():
-    counts = authors_config.rule_counts()
+    counts = authors.rule_counts()
     assert counts == {MAPPED: 72, NO_EFFECT: 25, NOT_IMPLEMENTED: 9}
     for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master"):
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
@@ -270,10 +262,8 @@ def test_conversions_in_their_units(tmp_path, capsys):
     assert cfg.gated_scale == 0.0 and "per_step_protect_mode: 'mechanism_1': mapped to " in err
     assert cfg.row_micro_batch == "auto"  # a chunk of all K branches: no chunking
     assert not cfg.eval_before and not cfg.eval_after and cfg.eval_interval_steps == 0
-    assert cfg.save_interval_steps == 2 * _per_step()  # 32 samples / (8 ranks x 2 rollouts)
-    assert (
-        f"save_interval_samples: 32: mapped to save_interval_steps={2 * _per_step()}, not " in err
-    )
+    assert cfg.save_interval_steps == 2  # 32 samples / (8 ranks x 2 rollouts)
+    assert "save_interval_samples: 32: mapped to save_interval_steps=2, not " in err
     assert (cfg.clip_range_low, cfg.clip_range_high) == (0.3, 0.2)  # clip_range: the fallback
     assert cfg.advantage_fusion_local_weight == 1.0  # their default local_loss_weight
     data.update(log_prob_sigma_floor=0.7)  # between the sigmas: not expressible
@@ -285,21 +275,20 @@ def test_conversions_in_their_units(tmp_path, capsys):
     assert (cfg.tve_step_weight, cfg.tau, cfg.eval_prompts) == ("sigma2", 8.0, 3)
 
 
-def test_step_counts_where_a_step_is_one_rollout(monkeypatch, capsys):
-    """Code whose training step is one rollout: the authors' step counts are multiplied by
-    gradient_accumulation_steps, the warmup by gradient_accumulation_steps x ppo_epochs."""
-    monkeypatch.setattr(authors_config, "steps_are_sync_windows", lambda: False)
-    cfg = load_config(LONGLIVE)
-    assert (cfg.max_train_steps, cfg.lr_warmup_steps, cfg.sync_every) == (3000, 10, 2)
-    assert (cfg.save_interval_steps, cfg.eval_interval_steps) == (4, 4)
-    assert "their LR changes once per sync window (factor k/5 in window k = 0..4, so the " in (
-        capsys.readouterr().err
+def test_step_counts_are_theirs():
+    """A training step is sync_every rollouts here as theirs is gradient_accumulation_steps
+    rollouts: the step counts carry over; the warmup runs one step ahead (printed)."""
+    translation = translate(_raw(LONGLIVE))
+    rows = {row.key: row.result for row in translation.rows}
+    assert rows["max_train_steps"] == (
+        "max_train_steps = 1500 (1500 training steps of 2 rollouts: 3000 rollouts, 3000 AdamW "
+        "steps in both)"
     )
-    monkeypatch.setattr(authors_config, "steps_are_sync_windows", lambda: True)
-    cfg = load_config(LONGLIVE)
-    assert (cfg.max_train_steps, cfg.lr_warmup_steps, cfg.save_interval_steps) == (1500, 5, 2)
-    assert "their first training step runs at LR 0 (diffusers' factor k/5 from k = 0)" in (
-        capsys.readouterr().err
+    assert rows["lr_warmup_steps"] == "lr_warmup_steps = 5 (training steps, as theirs)"
+    assert rows["eval_interval_steps"] == "eval_interval_steps = 2 (2 training steps, as theirs)"
+    assert any(
+        "their first training step runs at LR 0 (diffusers' factor k/5 from k = 0)" in note
+        for note in translation.notes
     )
 
 
@@ -311,8 +300,7 @@ def test_absent_keys_take_their_codes_defaults(tmp_path):
     del data["adapter"]["alpha"]
     cfg = load_config(_write(tmp_path, data))
     assert cfg.ppo_epochs == 3 and cfg.kl_reference_initial is False and cfg.adv_clip_max == 5.0
-    # their default 10 training steps (x 2 rollouts x 3 epochs where a step is one rollout)
-    assert cfg.lr_warmup_steps == (10 if _per_step() == 1 else 10 * 2 * 3)
+    assert cfg.lr_warmup_steps == 10  # their default, in training steps
     assert cfg.ema_decay == 0.0
     assert not cfg.eval_use_ema
     assert cfg.policy_window_frames == 30  # their default multiple 2.0
@@ -386,38 +374,54 @@ def test_lines_are_printed_on_rank_zero_only(monkeypatch, capsys):
 def test_scorers_are_the_registered_ones():
     from kvpo.rewards.registry import _factory, available_rewards
 
-    for scorer, names in authors_config.SCORERS.items():
+    for scorer, names in authors.SCORERS.items():
         assert scorer in available_rewards(), scorer
         assert set(names) <= set(_factory(scorer).names), scorer
 
 
-def test_check_prints_the_table_and_the_missing_paths(capsys):
-    assert main(["--config", str(LONGLIVE), "--check"]) == 0
-    out = capsys.readouterr().out
-    head, _, resolved = out.partition("\n{")
+def test_check_prints_the_table_and_fails_on_the_missing_paths(capsys):
+    # their checkpoints and prompt file are not on this machine: the table and the resolved
+    # config are printed, then every problem, and the exit status is 2
+    assert main(["--config", str(LONGLIVE), "--check"]) == 2
+    captured = capsys.readouterr()
+    head, _, resolved = captured.out.partition("\n{")
     assert head.startswith(f"KVPO authors' config {LONGLIVE} -> this project's keys:")
     for text in (
         "  gradient_accumulation_steps  ", "sync_every = 2",
-        f"max_train_steps = {1500 * _per_step()} (1500 ",
+        "max_train_steps = 1500 (1500 ",
         "2 rollouts: 3000 rollouts, 3000 AdamW steps in both)",
         "adapter.verbose ", "no effect here", "prompt_min_segments ", "not implemented here",
         "wan_model_path = 'wan_models/Wan2.1-T2V-1.3B'",
         "100 keys in the file: 72 mapped, 22 no effect here, 6 not implemented here",
-        "not found on this machine (a training run stops here): generator_ckpt: checkpoint "
-        "path 'checkpoints/longlive/models/longlive_base.pt' does not exist",
-        "not found on this machine (a training run stops here): data_path: prompt file",
     ):  # fmt: skip
         assert text in head, text
     assert json.loads("{" + resolved)["sync_every"] == 2
+    for text in (
+        "error: invalid configuration:",
+        "generator_ckpt: checkpoint path 'checkpoints/longlive/models/longlive_base.pt' does not "
+        "exist",
+        "lora_ckpt: checkpoint path 'checkpoints/longlive/models/lora.pt' does not exist",
+        "data_path: prompt file 'prompts/vidprom_filtered_extended_switch_2.0_formatted.txt' "
+        "does not exist",
+    ):
+        assert text in captured.err, text
 
 
-def test_check_still_fails_on_other_problems(capsys):
-    # missing paths alone are listed; a value that cannot run is still an error (rc 2)
+def test_check_passes_when_the_config_would_run(capsys):
+    args = ["--config", str(LONGLIVE), "--check", "generator_ckpt=", "lora_ckpt=", "data_path="]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "100 keys in the file: 72 mapped, 22 no effect here" in captured.out
+    assert "error:" not in captured.err and "invalid configuration" not in captured.err
+
+
+def test_check_lists_every_problem(capsys):
     assert main(["--config", str(LONGLIVE), "--check", "K=1"]) == 2
     err = capsys.readouterr().err
     assert "K (branches per group) must be >= 2, got 1" in err
     assert "generator_ckpt: checkpoint path" in err  # every problem is listed
     assert main(["--config", str(LONGLIVE), "--check", "--resume", "/no/such/run"]) == 2
+    assert "--resume: no checkpoint at '/no/such/run'" in capsys.readouterr().err
 
 
 def test_subprocess_check_runs(tmp_path):
@@ -428,17 +432,20 @@ def test_subprocess_check_runs(tmp_path):
         [sys.executable, "-m", "kvpo.train", "--config", str(MEMFLOW), "--check"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 2, run.stderr  # their paths are not on this machine
     assert "105 keys in the file: 72 mapped, 24 no effect here, 9 not implemented here" in (
         run.stdout
     )
     assert "model_kwargs.bank_size: 3: not implemented here" in run.stderr
+    assert "generator_ckpt: checkpoint path 'checkpoints/memflow/base.pt' does not exist" in (
+        run.stderr
+    )
 
 
 def test_docs_page_is_generated():
     page = ROOT / "docs" / "authors-config.md"
-    assert page.read_text() == authors_config.markdown(), (
-        "regenerate: python -m kvpo.training.authors_config --markdown > docs/authors-config.md"
+    assert page.read_text() == authors.markdown(), (
+        "regenerate: python -m kvpo.training.authors --markdown > docs/authors-config.md"
     )
     text = page.read_text()
     for rule in RULES:

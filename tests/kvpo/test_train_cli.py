@@ -46,6 +46,18 @@ def test_bad_input_fails_before_work(tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_check_prints_the_config_then_every_problem(tmp_path, capsys):
+    runs = f"output_dir={tmp_path / 'runs'}"
+    assert main(["--check", "K=1", "generator_ckpt=/no/such/dir", runs]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["K"] == 1  # the resolved config, printed before the problems
+    assert "K (branches per group) must be >= 2, got 1" in captured.err
+    assert "checkpoint path '/no/such/dir' does not exist" in captured.err  # every problem
+    assert main(["--check", runs]) == 0  # the toy default would run
+    assert json.loads(capsys.readouterr().out)["K"] == 8
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_prompt_file(tmp_path, capsys):
     (tmp_path / "prompts.jsonl").write_text('{"prompts": "a red circle moves left"}\n')
     assert main([f"data_path={tmp_path / 'prompts.jsonl'}"]) == 2

@@ -1,0 +1,132 @@
+"""Translation of the authors' checkpoint, denoising schedule, model, cache, prompt and
+exploration keys."""
+
+from __future__ import annotations
+
+from kvpo.training.authors.translation import Translator
+from kvpo.training.authors.values import integer
+
+
+def translate_model(t: Translator) -> None:
+    """Checkpoints, denoising schedule, model and cache."""
+    t.copy("generator_ckpt", "lora_ckpt")
+    if t.get("lora_ckpt") not in (None, ""):
+        t.inexact(
+            "lora_ckpt",
+            "lora_ckpt",
+            "their run keeps training these LoRA weights (the adapter starts from them); here "
+            "they are merged into the frozen base and a fresh adapter (starting at zero) is "
+            "trained on top; the starting policy and the KL reference are the same",
+        )
+    t.copy("denoising_step_list")
+    t.switch(
+        "last_step_only",
+        "every block runs every denoising step (this project's sampler)",
+        "their rollout stops every block at one random denoising step (drawn per rollout) and "
+        "keeps its x0 prediction there; here every block runs every step; the run proceeds",
+    )
+    t.copy(
+        "warp_denoising_step",
+        "num_frame_per_block",
+        "model_kwargs.local_attn_size",
+        "model_kwargs.timestep_shift",
+        "model_kwargs.sink_size",
+        "slice_last_frames",
+        "context_noise",
+    )
+    t.not_implemented(
+        "model_kwargs.bank_size",
+        False,
+        f"MemFlow's model attends to a memory bank of {t.get('model_kwargs.bank_size')} frames "
+        "between the sink and the local window; this project's causal model keeps LongLive's "
+        "sink + window cache, so the MemFlow checkpoint runs without its bank",
+    )
+    t.not_implemented(
+        "model_kwargs.record_interval",
+        False,
+        f"MemFlow writes a block into its memory bank every "
+        f"{t.get('model_kwargs.record_interval')} blocks (no bank here)",
+    )
+    t.not_implemented(
+        "model_kwargs.SMA",
+        t.get("model_kwargs.SMA") is None or not t.value("model_kwargs.SMA"),
+        "MemFlow's sparse memory activation attends to the top-3 bank frames per query",
+    )
+
+
+def translate_prompts(t: Translator) -> None:
+    """The streaming layout, the prompt file and the prompt switches."""
+    lengths = t.copy("streaming_max_length", "streaming_chunk_size", "streaming_min_new_frame")
+    t.copy("data_path")
+    if t.has("data_path"):
+        t.inexact(
+            "data_path",
+            "data_path",
+            "their training sweeps the sequences in file order ((rollout - 1) x world size + "
+            "rank); here they are drawn at random (seeded by seed, step and rank)",
+        )
+    for key, what in (
+        (
+            "prompt_min_segments",
+            "their run drops prompt sequences with fewer than {v} segments; here shorter "
+            "sequences are kept (their last segment continues)",
+        ),
+        (
+            "prompt_max_segments",
+            "their run cuts every prompt sequence to {v} segments; here a sequence with more "
+            "segments than the video has prompt segments (len(switch_frame_indices) + 1) is an "
+            "error",
+        ),
+    ):
+        value = t.get(key)
+        t.not_implemented(key, value in (None, ""), what.format(v=value))
+    _switch_frames(t, lengths)
+    t.switch(
+        "global_sink",
+        "this project's recache (sink kept, last local_attn_size frames re-encoded)",
+        "their run clears the cache at a prompt switch and re-encodes the sink with the new "
+        "prompt; here the sink keeps the first prompt's K/V; the run proceeds without it",
+    )
+
+
+def _switch_frames(t: Translator, lengths: list[int | None]) -> None:
+    """``switch_frame_indices``, each moved to the first later chunk start when
+    ``align_switch_to_chunk`` is true (the last chunk's start past the end)."""
+    switches = t.value("switch_frame_indices")
+    align = t.value("align_switch_to_chunk")
+    aligned = switches
+    if align and switches and all(v is not None and v > 0 for v in lengths):
+        from kvpo.method.routing import chunk_layout
+
+        starts = [c.start_frame for c in chunk_layout(*lengths)[1:]]
+        if starts:
+            aligned = [next((s for s in starts if s >= x), starts[-1]) for x in switches]
+    text = ", ".join(str(s) for s in aligned)
+    t.set("switch_frame_indices", text, "switch_frame_indices")
+    moved = "" if aligned == switches else f" (moved from {switches} to chunk starts)"
+    t.row("switch_frame_indices", f"switch_frame_indices = {text!r}{moved}")
+    if not align:
+        effect = "not applied"
+    elif aligned == switches:
+        effect = f"applied: {switches} are chunk starts already (no change)"
+    else:
+        effect = f"applied: {switches} -> {aligned}"
+    t.row("align_switch_to_chunk", f"switch_frame_indices: {effect}")
+
+
+def translate_exploration(t: Translator) -> None:
+    """Branches per group, their backward chunks and the routed window."""
+    (K,) = t.copy("K")
+    chunk = integer(t.get("branch_backward_chunk_size") or 0, "branch_backward_chunk_size")
+    if K is not None and 0 < chunk < K:
+        rows = chunk
+        why = f"{chunk} branches per backward pass there"
+    else:
+        rows = "auto"
+        why = "all branches in one backward pass there; here the memory planner's choice"
+    t.set("row_micro_batch", rows, "branch_backward_chunk_size")
+    t.row(
+        "branch_backward_chunk_size",
+        f"row_micro_batch = {rows!r} ({why}; results do not depend on it)",
+    )
+    t.copy("m_nearest_frames", "perturb_within_first_x_chunks", "perturb_num_blocks")

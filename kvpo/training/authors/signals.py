@@ -1,0 +1,216 @@
+"""Translation of the authors' reward, advantage and policy keys."""
+
+from __future__ import annotations
+
+from kvpo.training.authors.keys import MEMFLOW_MODEL
+from kvpo.training.authors.rules import NOT_IMPLEMENTED
+from kvpo.training.authors.translation import Translator
+from kvpo.training.authors.values import choice, integer
+
+SCORERS = {
+    "video_hpsv3": ("video_hpsv3",),
+    "videoalign": ("videoalign", "videoalign_vq", "videoalign_mq_rgb", "videoalign_ta"),
+    "videoalign_vq": ("videoalign_vq",),
+    "videoalign_mq": ("videoalign_mq",),
+    "videoalign_ta": ("videoalign_ta",),
+    "motion_smoothness": ("motion_smoothness",),
+    "dynamic_degree": ("dynamic_degree",),
+}
+"""Scorers registered here (:mod:`kvpo.rewards.registry`) that the authors' component names
+call, with the components each returns that their names match (a test checks them)."""
+
+# the spellings of the values their code accepts for its policy, protect and KL modes
+POLICY_MODES = {"per_step": ("per_step", "per_step_x", "perstep", "perstep_x")}
+PROTECT_MODES = {
+    "mechanism_1": ("mechanism_1", "m1", "reward_gate"),
+    "mechanism_2": ("mechanism_2", "m2", "anchor_entropy"),
+}
+KL_MODES = {
+    "discrete_kl": ("discrete_kl", "discrete-kl", "distribution", "pi_kl", "branch_discrete_kl"),
+    "try_kl": ("try_kl", "try-kl", "anchor_l2", "anchor_mse", "ref_anchor_l2"),
+}
+
+
+def translate_advantages(t: Translator) -> None:
+    """The two signals and how their advantages are fused."""
+    t.copy("train_local", "train_global", "advantage_fusion_mode")
+    for side in ("local", "global"):
+        t.fallback(f"{side}_loss_weight", f"advantage_fusion_{side}_weight")
+    t.copy("adv_clip_max")
+
+
+def translate_policy(t: Translator) -> None:
+    """The branch policy, its protect mode, the ratio clip and the KL term."""
+    accepts = "only per_step (alias per_step_x), the policy implemented here"
+    choice(t.value("policy_log_prob_mode"), "policy_log_prob_mode", POLICY_MODES, accepts)
+    t.row("policy_log_prob_mode", "the TVE policy (the only one here)")
+    t.copy("log_prob_grad_steps")
+    _policy_window(t)
+    _sigma_floor(t)
+    protect = choice(t.value("per_step_protect_mode"), "per_step_protect_mode", PROTECT_MODES)
+    if protect == "mechanism_2":
+        t.set("gated_scale", 0.5, "per_step_protect_mode")
+        t.row(
+            "per_step_protect_mode",
+            "gated_scale = 0.5 (their 1 - pi_anchor with an anchor logit of 0 beside the branch "
+            "log-softmax: exactly 1/2)",
+        )
+        ratio = t.value("min_update_entropy_ratio")
+        t.not_implemented(
+            "min_update_entropy_ratio",
+            ratio <= 0,
+            f"their run skips the update when the branch policy's entropy exceeds "
+            f"(1 - {ratio:g}) ln K",
+        )
+    else:
+        t.set("gated_scale", 0.0, "per_step_protect_mode")
+        t.row("per_step_protect_mode", "gated_scale = 0.0 (not exact: printed)")
+        t.inexact(
+            "per_step_protect_mode",
+            "gated_scale=0.0",
+            "their run also skips the optimizer step when no rank has a branch beating the anchor "
+            "(AdamW moments, weight decay and EMA do not move); here that step runs with a zero "
+            "loss",
+        )
+        if t.has("min_update_entropy_ratio"):
+            t.row(
+                "min_update_entropy_ratio", "no effect: read by mechanism_2 only", NOT_IMPLEMENTED
+            )
+    t.copy("ppo_epochs")
+    t.fallback("clip_range", "clip_range_low", "clip_range_high")
+    t.copy("kl_coef")
+    kl = choice(t.value("kl_loss_mode"), "kl_loss_mode", KL_MODES)
+    if kl == "discrete_kl":
+        t.row("kl_loss_mode", "the discrete KL over the K branches (kl_coef)")
+    else:
+        t.unsupported(
+            "kl_loss_mode",
+            "not implemented here (try_kl): the discrete KL is used",
+            "their try_kl replays the anchor under the current and the reference model and "
+            "penalises the latent MSE between them; here the discrete KL over the branches is "
+            "used instead",
+        )
+    t.not_implemented(
+        "anchor_grad_steps",
+        kl != "try_kl",
+        f"their try_kl replay back-propagates through the first {t.get('anchor_grad_steps')} "
+        "denoising steps",
+    )
+    t.copy("kl_reference_initial")
+
+
+def _policy_window(t: Translator) -> None:
+    """Their window: ``policy_window_frames`` or round(P F multiple), at least P F, rounded up
+    to whole blocks; here 0 stands for the routed window (P F frames)."""
+    frames = t.value("policy_window_frames")
+    multiple = t.value("policy_window_multiple")
+    block = t.values.get("num_frame_per_block") or 3
+    routed = (t.values.get("perturb_num_blocks") or 3) * block
+    requested = frames if frames > 0 else int(round(routed * multiple))
+    resolved = -(-max(requested, routed) // block) * block
+    ours = 0 if resolved == routed else resolved
+    t.set("policy_window_frames", ours, "policy_window_frames")
+    how = "the routed window" if ours == 0 else f"{resolved} frames"
+    t.row(
+        "policy_window_frames",
+        f"policy_window_frames = {ours} ({how}: {resolved} frames, P x F = {routed})",
+    )
+    if frames > 0:
+        t.row("policy_window_multiple", "no effect: policy_window_frames is set")
+    else:
+        t.row(
+            "policy_window_multiple",
+            f"policy_window_frames = {ours} (round({routed} x {multiple:g}) = {requested} frames, "
+            f"at least {routed}, whole blocks)",
+        )
+
+
+def sigmas(steps: list[int], shift: float, warp: bool) -> list[float]:
+    """Noise levels of the steps (docs/method.md section 1)."""
+    out = []
+    for step in steps:
+        u = step / 1000
+        out.append(shift * u / (1 + (shift - 1) * u) if warp else u)
+    return out
+
+
+def _sigma_floor(t: Translator) -> None:
+    """Their per-step weight sigma^2 / max(sigma, floor)^2 as ``tve_step_weight`` and ``tau``."""
+    key = "log_prob_sigma_floor"
+    floor = t.value(key)
+    steps = t.values.get("denoising_step_list") or [1000, 750, 500, 250]
+    shift = t.values.get("model_kwargs", {}).get("timestep_shift") or 1.0
+    sig = sigmas(steps, shift, bool(t.values.get("warp_denoising_step")))
+    rounded = [round(s, 4) for s in sig]
+    if floor >= max(sig) - 1e-9:
+        weight, tau = "sigma2", 2 * floor**2
+    elif floor <= min(sig):
+        weight, tau = "uniform", 2.0
+    else:
+        weight, tau = "sigma2", 2 * floor**2
+        t.note(
+            key,
+            "not expressible here: their per-step weight is sigma^2 / max(sigma, floor)^2 on the "
+            f"velocity error, between the step sigmas {rounded}; tve_step_weight=sigma2 with "
+            f"tau={tau:g} is used instead (exact for the steps below the floor)",
+        )
+    t.set("tve_step_weight", weight, key)
+    t.set("tau", tau, key)
+    t.row(key, f"tve_step_weight = {weight!r}, tau = {tau!r} (step sigmas {rounded})")
+
+
+def translate_rewards(t: Translator) -> None:
+    """The reward components and scorer, and the clips of the global reward."""
+    comps = t.value("reward_components")
+    if comps is None:
+        t.row("reward_components", "reward_components: this project's default")
+    else:
+        t.set("reward_components", comps, "reward_components")
+        names = [c["name"] for c in comps]
+        scorer = next((s for s, out in SCORERS.items() if all(n in out for n in names)), None)
+        result = f"reward_components = {comps!r}"
+        if scorer is not None:
+            t.set("reward_model", scorer, "reward_components")
+            t.row("reward_components", f"{result}, reward_model = {scorer!r}")
+        else:
+            t.set("reward_model", names[0], "reward_components")
+            t.row("reward_components", f"{result}, reward_model = {names[0]!r} (printed)")
+            t.note(
+                "reward_components",
+                f"not implemented here: no scorer registered here returns all of {names}; "
+                "register one that does (kvpo.rewards.register_reward) and set reward_model to it",
+            )
+    t.not_implemented(
+        "use_raw_weighted_reward_advantage",
+        not t.value("use_raw_weighted_reward_advantage"),
+        "their run computes one advantage per signal from the weighted sum of the raw rewards "
+        "instead of summing weighted per-component advantages",
+    )
+    evals = t.value("eval_reward_components")
+    t.not_implemented(
+        "eval_reward_components",
+        evals is None or evals == comps,
+        f"their held-out evaluation scores {evals}; here it scores reward_components",
+    )
+    stride = t.value("vae_temporal_stride")
+    if stride == 4:
+        t.row("vae_temporal_stride", "4, fixed here (the Wan VAE)")
+    else:
+        t.unsupported(
+            "vae_temporal_stride",
+            f"not implemented here ({stride})",
+            "the Wan VAE here makes 4 pixel frames per latent frame; the run proceeds with 4",
+        )
+    t.switch(
+        "long_reward_enable_normal",
+        "the global reward here (one clip per segment)",
+        "with no segment clips their global reward is 0 for every video; here the global reward "
+        "is scored (train_global=false drops it); the run proceeds",
+    )
+    memflow = any(t.has(k) for k in MEMFLOW_MODEL)
+    default_clip = 48 if memflow else 21 * stride - (stride - 1)  # LongLive: 21 latent frames
+    clip = integer(
+        t.leaves.get("long_reward_normal_clip_len", default_clip), "long_reward_normal_clip_len"
+    )
+    t.set("long_reward_normal_clip_len", max(1, clip), "long_reward_normal_clip_len")
+    t.row("long_reward_normal_clip_len", f"long_reward_normal_clip_len = {max(1, clip)}")
