@@ -66,7 +66,7 @@ def test_bad_prompt_file(tmp_path, capsys):
 
 def test_end_to_end(weights, tmp_path, capsys):
     args = tiny_args(
-        weights, tmp_path, "run_name=r", "max_train_steps=3", "sample_interval_steps=3"
+        weights, tmp_path, "run_name=r", "max_train_steps=2", "sample_interval_steps=2"
     )
     assert main(args) == 0
     run = tmp_path / "r"
@@ -76,8 +76,10 @@ def test_end_to_end(weights, tmp_path, capsys):
     saved = load_config(run / "config.yaml")
     assert saved == load_config(None, args) and yaml.safe_load((run / "config.yaml").read_text())
     records = _metrics(run)
-    assert [r["step"] for r in records] == [0, 1, 2]
-    # old policy synced every 2 updates: steps 0 and 2 are first after a sync, ratio exactly 1
+    # two training steps of sync_every = 2 rollouts; metrics per rollout
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [r["train_step"] for r in records] == [0, 0, 1, 1]
+    # old policy synced every 2 rollouts: rollouts 0 and 2 are first after a sync, ratio 1
     for r in records:
         assert r["sync/first_update_after_sync"] == (r["step"] in (0, 2))
         if r["step"] in (0, 2):
@@ -89,13 +91,13 @@ def test_end_to_end(weights, tmp_path, capsys):
         assert key in records[0], key
     assert len(records[0]["reward_local/text_alignment/branches"]) == 3
     summary = json.loads((run / "summary.json").read_text())
-    assert [s["name"] for s in summary["heldout"]][-1] == "total" and summary["steps"] == 3
+    assert [s["name"] for s in summary["heldout"]][-1] == "total" and summary["steps"] == 2
     for plot in ("reward_curve.png", "training_curves.png"):
         assert min(Image.open(run / plot).size) > 300, plot
-    assert (run / "samples" / "step00003.mp4").stat().st_size > 0
-    grid = Image.open(run / "samples" / "step00003_branches.png")
+    assert (run / "samples" / "step00002.mp4").stat().st_size > 0
+    grid = Image.open(run / "samples" / "step00002_branches.png")
     assert grid.size[1] > 4 * 16 * 4  # G + 1 = 4 rows of 16-pixel frames at scale 4
-    gif = Image.open(run / "samples" / "step00003.gif")
+    gif = Image.open(run / "samples" / "step00002.gif")
     assert gif.n_frames == 12
     # the exported adapter loads with peft and holds the trained weights
     from peft import PeftModel, get_peft_model_state_dict
