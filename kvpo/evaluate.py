@@ -29,7 +29,7 @@ from kvpo.training.config import ConfigError, TrainConfig
 from kvpo.training.config_parse import load_config
 from kvpo.training.distributed import DistInfo, resolve_device
 from kvpo.training.heldout import evaluate
-from kvpo.training.prompts import prompt_source
+from kvpo.training.prompts import config_prompt_source, prompt_source
 from kvpo.training.validation import is_toy_dir, validate
 from kvpo.video_model import VideoModel, load_video_model, toy_video_model
 
@@ -37,10 +37,7 @@ from kvpo.video_model import VideoModel, load_video_model, toy_video_model
 def model_scores(cfg: TrainConfig, model: VideoModel, info: DistInfo) -> dict[str, list[float]]:
     """``{component: [eval_prompts * eval_seeds]}``: the trainer's held-out evaluation."""
     stream = stream_from_config(model, cfg, cfg.rows_per_batch)
-    prompts = prompt_source(
-        cfg.data_path, cfg.eval_data_path, num_segments=len(cfg.switch_frames) + 1,
-        eval_prompts=cfg.eval_prompts, seed=cfg.seed,
-    ).heldout(cfg.eval_prompts)  # fmt: skip
+    prompts = config_prompt_source(cfg).heldout(cfg.eval_prompts)
     reward = resolve_reward(cfg.reward_model, **reward_options(cfg))
     return evaluate(
         stream, reward, prompts, cfg.eval_seeds, base_seed=cfg.seed, info=info,

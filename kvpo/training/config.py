@@ -5,8 +5,8 @@ Key names follow the LongLive / MemFlow KVPO YAML files (``K``, ``m_nearest_fram
 the same thing; the defaults are the built-in toy run (``python -m kvpo.train`` with no
 arguments). A field's allowed values are declared with it (``choices``), listed by ``--help`` and
 checked by :mod:`kvpo.training.validation`. The flat keys become the typed objects the method
-uses in one place: :meth:`TrainConfig.cache_policy`, :meth:`~TrainConfig.schedule`,
-:meth:`~TrainConfig.routing_geometry`, :meth:`~TrainConfig.chunks`,
+uses in one place (:mod:`kvpo.training.config_views`): :meth:`TrainConfig.cache_policy`,
+:meth:`~TrainConfig.schedule`, :meth:`~TrainConfig.routing_geometry`, :meth:`~TrainConfig.chunks`,
 :meth:`~TrainConfig.policy_config`, :meth:`~TrainConfig.advantage_config`,
 :meth:`~TrainConfig.exploration_config`, :meth:`~TrainConfig.latent_layout`. Reading files
 and overrides: :mod:`kvpo.training.config_parse`.
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from kvpo.training.config_views import TypedViews
 
 
 class ConfigError(ValueError):
@@ -80,7 +82,7 @@ TOY_REWARDS = [
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TypedViews):
     """Everything ``python -m kvpo.train`` reads; ``--help`` lists each field."""
 
     # model and checkpoints
@@ -136,6 +138,12 @@ class TrainConfig:
     eval_data_path: str | None = _f(
         None, "held-out prompt file; empty = the last eval_prompts of data_path, or the toy's"
     )
+    prompt_min_segments: int = _f(0, "drop file prompt sequences with fewer segments; 0 = keep")
+    prompt_max_segments: int = _f(0, "cut file prompt sequences to this many segments; 0 = no")
+    prompt_order: str = _f(
+        "sweep", "file prompts: 'sweep' in order, (rollout x world + rank) mod N (the authors'), "
+        "or 'random' (seeded draw)", choices=("sweep", "random"),
+    )  # fmt: skip
     # exploration
     K: int = _f(8, "G: routed branches per group (plus one unrouted anchor)", "exploration (CHR)")
     m_nearest_frames: int = _f(4, "nearest frames kept in every routed context (block included)")
@@ -293,94 +301,6 @@ class TrainConfig:
         from kvpo.training.config_parse import torch_dtype
 
         return torch_dtype(self)
-
-    # ---------------------------------------------------------------- typed views
-    def cache_policy(self):
-        """:class:`~kvpo.models.CachePolicy`: sink + window view over the resident frames."""
-        from kvpo.models.frame_cache import CachePolicy
-
-        mk = self.model_kwargs
-        return CachePolicy(
-            mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block
-        )
-
-    def schedule(self):
-        """:class:`~kvpo.models.FlowSchedule` of the few-step sampler."""
-        from kvpo.models.sampler import FlowSchedule
-
-        return FlowSchedule(
-            tuple(self.denoising_step_list),
-            self.model_kwargs.timestep_shift,
-            warp=self.warp_denoising_step,
-        )
-
-    def routing_geometry(self):
-        """:class:`~kvpo.method.routing.RoutingGeometry` of the CHR plan."""
-        from kvpo.method.routing import RoutingGeometry
-
-        return RoutingGeometry(
-            num_frame_per_block=self.num_frame_per_block,
-            sink_size=self.model_kwargs.sink_size,
-            local_attn_size=self.model_kwargs.local_attn_size,
-            resident_frames=self.resident_frames,
-            m_nearest_frames=self.m_nearest_frames,
-            perturb_num_blocks=self.perturb_num_blocks,
-        )
-
-    def chunks(self):
-        """The streaming chunks of a training video (:func:`~kvpo.method.routing.chunk_layout`)."""
-        from kvpo.method.routing import chunk_layout
-
-        return chunk_layout(
-            self.streaming_max_length, self.streaming_chunk_size, self.streaming_min_new_frame
-        )
-
-    def policy_config(self):
-        """:class:`~kvpo.method.policy.PolicyConfig`: every constant of the objective."""
-        from kvpo.method.policy import PolicyConfig
-
-        return PolicyConfig(
-            tau=self.tau,
-            clip_low=self.clip_range_low,
-            clip_high=self.clip_range_high,
-            log_ratio_clamp=self.log_ratio_clamp,
-            kl_coef=self.kl_coef,
-            gated_scale=self.gated_scale,
-        )
-
-    def advantage_config(self):
-        """:class:`~kvpo.method.advantages.AdvantageConfig` of the reward signals' fusion."""
-        from kvpo.method.advantages import AdvantageConfig
-
-        return AdvantageConfig(
-            mode=self.advantage_mode,
-            fusion_mode=self.advantage_fusion_mode,
-            local_weight=self.advantage_fusion_local_weight,
-            global_weight=self.advantage_fusion_global_weight,
-            clip=self.adv_clip_max,
-        )
-
-    def exploration_config(self):
-        """:class:`~kvpo.method.exploration.ExplorationConfig`; raises :class:`ConfigError`
-        when the exploration keys cannot run."""
-        from kvpo.method.exploration import ExplorationConfig
-
-        config = ExplorationConfig(
-            mode=self.exploration,
-            injection_scale=float(self.noise_injection_scale),
-            inject_at_steps=tuple(int(s) for s in self.noise_inject_at_steps),
-            initial_mix=float(self.initial_noise_mix),
-        )
-        problems = config.problems(len(self.denoising_step_list))
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return config
-
-    def latent_layout(self):
-        """:class:`~kvpo.rewards.clips.VideoLayout` of a training video, in latent frames."""
-        from kvpo.rewards.clips import VideoLayout
-
-        return VideoLayout(self.streaming_max_length, tuple(self.switch_frames))
 
     def to_dict(self) -> dict:
 

@@ -223,11 +223,30 @@ def prompt_source(
     num_segments: int,
     eval_prompts: int,
     seed: int,
+    min_segments: int = 0,
+    keep_segments: int = 0,
+    order: str = "random",
+    world_size: int = 1,
 ) -> PromptSource:
-    """The prompt source of a config: files when ``data_path`` is set, else the toy's."""
+    """The prompt source of a config: files when ``data_path`` is set, else the toy's.
+    ``min_segments`` / ``keep_segments``: the segment filters (0: off); ``order``, ``world_size``:
+    how training draws (:meth:`PromptSource.from_sequences`)."""
     if data_path is None:
         return PromptSource.toy(num_segments, seed)
-    held = None if eval_data_path is None else load_prompt_file(eval_data_path, num_segments)
+    filters = {"min_segments": min_segments or None, "keep_segments": keep_segments or None}
+    held = None
+    if eval_data_path is not None:
+        held = load_prompt_file(eval_data_path, num_segments, **filters)
     return PromptSource.from_sequences(
-        load_prompt_file(data_path, num_segments), held, eval_prompts=eval_prompts, seed=seed
-    )
+        load_prompt_file(data_path, num_segments, **filters), held, eval_prompts=eval_prompts,
+        seed=seed, order=order, world_size=world_size,
+    )  # fmt: skip
+
+
+def config_prompt_source(cfg, world_size: int = 1) -> PromptSource:
+    """The prompt source of a :class:`~kvpo.training.config.TrainConfig` (its prompt keys)."""
+    return prompt_source(
+        cfg.data_path, cfg.eval_data_path, num_segments=len(cfg.switch_frames) + 1,
+        eval_prompts=cfg.eval_prompts, seed=cfg.seed, min_segments=cfg.prompt_min_segments,
+        keep_segments=cfg.prompt_max_segments, order=cfg.prompt_order, world_size=world_size,
+    )  # fmt: skip

@@ -39,7 +39,7 @@ from kvpo.training.heldout import evaluate
 from kvpo.training.learner import PHASES, Learner, SkippedStep
 from kvpo.training.paired_stats import format_summary, paired_summary
 from kvpo.training.phases import PhaseTimer, peak_memory_bytes
-from kvpo.training.prompts import PromptSource, prompt_source
+from kvpo.training.prompts import PromptSource, config_prompt_source
 from kvpo.training.state import load_state, save_state
 from kvpo.training.validation import validate
 from kvpo.video_model import VideoModel, load_video_model
@@ -71,10 +71,7 @@ def build_learner(
                 prompts, eval_prompts=cfg.eval_prompts, seed=cfg.seed
             )
         else:
-            prompts = prompt_source(
-                cfg.data_path, cfg.eval_data_path, num_segments=len(cfg.switch_frames) + 1,
-                eval_prompts=cfg.eval_prompts, seed=cfg.seed,
-            )  # fmt: skip
+            prompts = config_prompt_source(cfg, world_size=info.world_size)
     model = model or load_video_model(cfg, info.device)
     # row_micro_batch: auto -> the memory planner's choice for this device (one printed line)
     cfg = start_config(

@@ -52,6 +52,8 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.gated_scale >= 0, f"gated_scale must be >= 0, got {cfg.gated_scale}")
     need(cfg.eval_seeds >= 1, f"eval_seeds must be >= 1, got {cfg.eval_seeds}")
     need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
+    for key in ("prompt_min_segments", "prompt_max_segments"):
+        need(getattr(cfg, key) >= 0, f"{key} must be >= 0 (0: off), got {getattr(cfg, key)}")
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
     rows = cfg.row_micro_batch
     need(

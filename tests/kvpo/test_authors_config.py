@@ -118,9 +118,10 @@ def test_longlive_loads_with_their_values(capsys):
     assert cfg.adapter.dropout == 0.0 and cfg.lora_ckpt_alpha == 256.0
     assert (cfg.sampler_rule, cfg.dtype) == ("x0", "bfloat16")
     assert cfg.wan_model_path == "wan_models/Wan2.1-T2V-1.3B"
+    assert (cfg.prompt_min_segments, cfg.prompt_max_segments, cfg.prompt_order) == (4, 4, "sweep")
     assert capsys.readouterr().err.startswith(
-        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 72 mapped, "
-        "22 no effect here, 6 not implemented here"
+        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 74 mapped, "
+        "22 no effect here, 4 not implemented here"
     )
 
 
@@ -132,7 +133,7 @@ def test_memflow_loads_with_their_values(capsys):
     assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
     assert (cfg.adapter.rank, cfg.adapter.alpha) == (256, 256.0)
     first = capsys.readouterr().err.splitlines()[0]
-    assert "72 mapped, 24 no effect here, 9 not implemented here" in first
+    assert "74 mapped, 24 no effect here, 7 not implemented here" in first
     # the rest as LongLive's file: the two files differ in these keys only
     longlive = load_config(LONGLIVE)
     differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
@@ -175,12 +176,14 @@ def test_every_key_of_both_files_is_in_the_table():
 
 def test_rule_categories():
     counts = authors.rule_counts()
-    assert counts == {MAPPED: 72, NO_EFFECT: 25, NOT_IMPLEMENTED: 9}
+    assert counts == {MAPPED: 74, NO_EFFECT: 25, NOT_IMPLEMENTED: 7}
     for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master"):
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
     for key in ("model_kwargs.bank_size", "model_kwargs.SMA", "use_raw_weighted_reward_advantage",
-                "min_update_entropy_ratio", "prompt_max_segments"):  # fmt: skip
+                "min_update_entropy_ratio"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == NOT_IMPLEMENTED, key
+    for key in ("prompt_min_segments", "prompt_max_segments", "data_path"):
+        assert RULE_BY_KEY[key].kind == MAPPED, key
 
 
 def test_no_effect_keys_print_one_line_each(capsys):
@@ -200,8 +203,7 @@ def test_no_effect_keys_print_one_line_each(capsys):
     assert len(group) == 1 and all(key in group[0] for key in MULTINODE)
     assert "no effect here: the multi-node launcher's ssh targets" in group[0]
     # not implemented with a value that does something: one line each; no-op values: none
-    for key in ("model_kwargs.bank_size", "model_kwargs.record_interval", "prompt_min_segments",
-                "prompt_max_segments"):  # fmt: skip
+    for key in ("model_kwargs.bank_size", "model_kwargs.record_interval"):
         mine = [line for line in lines if line.startswith(f"{key}: ")]
         assert len(mine) == 1 and "not implemented here" in mine[0], (key, mine)
         assert mine[0].endswith("the run proceeds without it")
@@ -211,9 +213,9 @@ def test_no_effect_keys_print_one_line_each(capsys):
     # mapped keys print only where the conversion is not exact
     printed = {line.split(":", 1)[0] for line in lines}
     assert printed & {r.key for r in RULES if r.kind == MAPPED} == {
-        "lora_ckpt", "data_path", "lr_warmup_steps", "ema_decay", "eval_prompts",
+        "lora_ckpt", "lr_warmup_steps", "ema_decay", "eval_prompts",
     }  # fmt: skip
-    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 4 + 5
+    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 2 + 4
     assert len(lines) == n_lines
 
 
@@ -390,9 +392,9 @@ def test_check_prints_the_table_and_fails_on_the_missing_paths(capsys):
         "  gradient_accumulation_steps  ", "sync_every = 2",
         "max_train_steps = 1500 (1500 ",
         "2 rollouts: 3000 rollouts, 3000 AdamW steps in both)",
-        "adapter.verbose ", "no effect here", "prompt_min_segments ", "not implemented here",
+        "adapter.verbose ", "no effect here", "prompt_min_segments = 4", "prompt_max_segments = 4",
         "wan_model_path = 'wan_models/Wan2.1-T2V-1.3B'",
-        "100 keys in the file: 72 mapped, 22 no effect here, 6 not implemented here",
+        "100 keys in the file: 74 mapped, 22 no effect here, 4 not implemented here",
     ):  # fmt: skip
         assert text in head, text
     assert json.loads("{" + resolved)["sync_every"] == 2
@@ -411,7 +413,7 @@ def test_check_passes_when_the_config_would_run(capsys):
     args = ["--config", str(LONGLIVE), "--check", "generator_ckpt=", "lora_ckpt=", "data_path="]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "100 keys in the file: 72 mapped, 22 no effect here" in captured.out
+    assert "100 keys in the file: 74 mapped, 22 no effect here" in captured.out
     assert "error:" not in captured.err and "invalid configuration" not in captured.err
 
 
@@ -433,7 +435,7 @@ def test_subprocess_check_runs(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr  # their paths are not on this machine
-    assert "105 keys in the file: 72 mapped, 24 no effect here, 9 not implemented here" in (
+    assert "105 keys in the file: 74 mapped, 24 no effect here, 7 not implemented here" in (
         run.stdout
     )
     assert "model_kwargs.bank_size: 3: not implemented here" in run.stderr

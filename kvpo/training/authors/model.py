@@ -58,28 +58,12 @@ def translate_prompts(t: Translator) -> None:
     """The streaming layout, the prompt file and the prompt switches."""
     lengths = t.copy("streaming_max_length", "streaming_chunk_size", "streaming_min_new_frame")
     t.copy("data_path")
-    if t.has("data_path"):
-        t.inexact(
-            "data_path",
-            "data_path",
-            "their training sweeps the sequences in file order ((rollout - 1) x world size + "
-            "rank); here they are drawn at random (seeded by seed, step and rank)",
-        )
-    for key, what in (
-        (
-            "prompt_min_segments",
-            "their run drops prompt sequences with fewer than {v} segments; here shorter "
-            "sequences are kept (their last segment continues)",
-        ),
-        (
-            "prompt_max_segments",
-            "their run cuts every prompt sequence to {v} segments; here a sequence with more "
-            "segments than the video has prompt segments (len(switch_frame_indices) + 1) is an "
-            "error",
-        ),
-    ):
+    t.set("prompt_order", "sweep", "data_path")  # their rollouts sweep the file in order
+    for key in ("prompt_min_segments", "prompt_max_segments"):
         value = t.get(key)
-        t.not_implemented(key, value in (None, ""), what.format(v=value))
+        value = 0 if value in (None, "") else integer(value, key)
+        t.set(key, value, key)
+        t.row(key, f"{key} = {value}" + (" (off)" if value == 0 else ""))
     _switch_frames(t, lengths)
     t.switch(
         "global_sink",

@@ -124,15 +124,12 @@ RULES: tuple[Rule, ...] = (
     Rule("data_path", MAPPED,
          "prompt file: formatted .txt ('n,[segment],[segment]') or .jsonl ('prompts' lists); "
          "the last eval_prompts sequences are held out; training sweeps the rest in order",
-         "data_path (both formats are read here, same hold-out rule); here training draws the "
-         "sequences at random (seeded), not in file order (printed)", REQUIRED, parse=values.path),
-    Rule("prompt_min_segments", NOT_IMPLEMENTED, "drops prompt sequences with fewer segments",
-         "not implemented here yet (no config key; load_prompt_file has min_segments): "
-         "shorter sequences are kept and their last segment continues; empty does nothing"),
-    Rule("prompt_max_segments", NOT_IMPLEMENTED, "cuts every prompt sequence to this many segments",
-         "not implemented here yet (no config key; load_prompt_file has keep_segments): a "
-         "sequence with more segments than len(switch_frame_indices) + 1 is an error here; "
-         "empty does nothing"),
+         "data_path (both formats are read here, same hold-out rule) with prompt_order: sweep "
+         "((rollout x world + rank) mod N, their order)", REQUIRED, parse=values.path),
+    Rule("prompt_min_segments", MAPPED, "drops prompt sequences with fewer segments",
+         "prompt_min_segments (empty: 0, off)"),
+    Rule("prompt_max_segments", MAPPED, "cuts every prompt sequence to this many segments",
+         "prompt_max_segments (empty: 0, off)"),
     Rule("switch_frame_indices", MAPPED,
          "latent frames where the next prompt segment starts (cut to the sequence's segments "
          "- 1, so a shorter sequence's last segment continues)",

@@ -1,0 +1,98 @@
+"""The typed objects the method uses, built from the flat keys of a
+:class:`~kvpo.training.config.TrainConfig` in one place (a base class of it)."""
+
+from __future__ import annotations
+
+
+class TypedViews:
+    """``cache_policy()``, ``schedule()``, ``routing_geometry()``, ``chunks()``,
+    ``policy_config()``, ``advantage_config()``, ``exploration_config()``, ``latent_layout()``."""
+
+    def cache_policy(self):
+        """:class:`~kvpo.models.CachePolicy`: sink + window view over the resident frames."""
+        from kvpo.models.frame_cache import CachePolicy
+
+        mk = self.model_kwargs
+        return CachePolicy(
+            mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block
+        )
+
+    def schedule(self):
+        """:class:`~kvpo.models.FlowSchedule` of the few-step sampler."""
+        from kvpo.models.sampler import FlowSchedule
+
+        return FlowSchedule(
+            tuple(self.denoising_step_list),
+            self.model_kwargs.timestep_shift,
+            warp=self.warp_denoising_step,
+        )
+
+    def routing_geometry(self):
+        """:class:`~kvpo.method.routing.RoutingGeometry` of the CHR plan."""
+        from kvpo.method.routing import RoutingGeometry
+
+        return RoutingGeometry(
+            num_frame_per_block=self.num_frame_per_block,
+            sink_size=self.model_kwargs.sink_size,
+            local_attn_size=self.model_kwargs.local_attn_size,
+            resident_frames=self.resident_frames,
+            m_nearest_frames=self.m_nearest_frames,
+            perturb_num_blocks=self.perturb_num_blocks,
+        )
+
+    def chunks(self):
+        """The streaming chunks of a training video (:func:`~kvpo.method.routing.chunk_layout`)."""
+        from kvpo.method.routing import chunk_layout
+
+        return chunk_layout(
+            self.streaming_max_length, self.streaming_chunk_size, self.streaming_min_new_frame
+        )
+
+    def policy_config(self):
+        """:class:`~kvpo.method.policy.PolicyConfig`: every constant of the objective."""
+        from kvpo.method.policy import PolicyConfig
+
+        return PolicyConfig(
+            tau=self.tau,
+            clip_low=self.clip_range_low,
+            clip_high=self.clip_range_high,
+            log_ratio_clamp=self.log_ratio_clamp,
+            kl_coef=self.kl_coef,
+            gated_scale=self.gated_scale,
+        )
+
+    def advantage_config(self):
+        """:class:`~kvpo.method.advantages.AdvantageConfig` of the reward signals' fusion."""
+        from kvpo.method.advantages import AdvantageConfig
+
+        return AdvantageConfig(
+            mode=self.advantage_mode,
+            fusion_mode=self.advantage_fusion_mode,
+            local_weight=self.advantage_fusion_local_weight,
+            global_weight=self.advantage_fusion_global_weight,
+            clip=self.adv_clip_max,
+        )
+
+    def exploration_config(self):
+        """:class:`~kvpo.method.exploration.ExplorationConfig`; raises :class:`ConfigError`
+        when the exploration keys cannot run."""
+        from kvpo.method.exploration import ExplorationConfig
+
+        config = ExplorationConfig(
+            mode=self.exploration,
+            injection_scale=float(self.noise_injection_scale),
+            inject_at_steps=tuple(int(s) for s in self.noise_inject_at_steps),
+            initial_mix=float(self.initial_noise_mix),
+        )
+        problems = config.problems(len(self.denoising_step_list))
+        if problems:
+            from kvpo.training.config import ConfigError
+
+            raise ConfigError("; ".join(problems))
+        return config
+
+    def latent_layout(self):
+        """:class:`~kvpo.rewards.clips.VideoLayout` of a training video, in latent frames."""
+        from kvpo.rewards.clips import VideoLayout
+
+        return VideoLayout(self.streaming_max_length, tuple(self.switch_frames))
