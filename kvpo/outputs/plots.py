@@ -37,7 +37,7 @@ TRAINING_PANELS = (  # (title, ((key, legend label), ...)); "time/" panels list 
     ),
     ("grad norm (before clipping)", (("grad_norm", "grad norm"),)),
     ("learning rate", (("lr", "lr"),)),
-    ("seconds per step", "time/"),
+    ("seconds per rollout", "time/"),
 )
 
 
@@ -154,7 +154,7 @@ def _grid(rows: int, cols: int, width: float, height: float) -> tuple[Figure, np
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(True, color="0.92")
     for ax in axes[-1]:
-        ax.set_xlabel("step")
+        ax.set_xlabel("rollout")
     return fig, axes
 
 
@@ -209,7 +209,8 @@ def reward_figure(records: Sequence[dict], smoothing: float = 0.6) -> Figure:
     _step_limits(axes, records)
     _legend(fig, axes)
     fig.suptitle(
-        f"training rewards per step (faint: raw values; lines: debiased EMA, weight {smoothing:g})"
+        "training rewards per rollout (faint: raw values; lines: debiased EMA, weight "
+        f"{smoothing:g})"
     )
     return fig
 
