@@ -559,6 +559,38 @@ def run_jobs(jobs: list[Job], workers: int = 1, progress=None) -> list[Result]:
     return results
 
 
+def _key(x: Job | Result) -> str:
+    return f"sm_{x.arch} {x.kernel} {x.scenario} {x.params}"
+
+
+def _run_resumable(jobs: list[Job], workers: int, json_path: Path | None) -> list[Result]:
+    """``run_jobs`` that appends each result to ``<json>.partial`` (one JSON object a line) and
+    takes the results already there instead of compiling them again: a long run that is
+    interrupted resumes where it stopped. The partial file goes once the run is complete."""
+    partial = json_path.with_name(json_path.name + ".partial") if json_path else None
+    done: dict[str, Result] = {}
+    if partial and partial.exists():
+        names = {f.name for f in fields(Result)}
+        for line in partial.read_text().splitlines():
+            result = Result(**{k: v for k, v in json.loads(line).items() if k in names})
+            done[_key(result)] = result
+    todo = [j for j in jobs if _key(j) not in done]
+    resumed = f" ({len(jobs) - len(todo)} done in {partial})" if len(todo) < len(jobs) else ""
+    print(f"{len(todo)} configurations to compile{resumed}", flush=True)
+
+    def progress(result: Result, count: int, total: int) -> None:
+        if partial:
+            with partial.open("a") as f:
+                f.write(json.dumps(asdict(result)) + "\n")
+        _progress(result, count, total)
+
+    for result in run_jobs(todo, workers, progress):
+        done[_key(result)] = result
+    if partial:
+        partial.unlink(missing_ok=True)
+    return [done[_key(j)] for j in jobs]
+
+
 def failures(results: list[Result]) -> list[Result]:
     """What fails the check: configurations the launchers can pick that cannot launch (or do
     not compile), and kernels compiled to more shared memory than the bound their launcher
@@ -811,7 +843,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=1, help="compile processes (default 1)")
     parser.add_argument("--nice", type=int, default=10, help="niceness increment (default 10)")
-    parser.add_argument("--json", type=Path, help="write every result as JSON")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write every result as JSON (an interrupted run resumes from <json>.partial)",
+    )
     parser.add_argument("--markdown", type=Path, help="write the resource tables as Markdown")
     parser.add_argument(
         "--report-from",
@@ -832,8 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = collect_jobs(
             args.arch, args.dtypes, args.head_dims, args.kernels, args.groups, args.pickable_only
         )
-        print(f"{len(jobs)} configurations to compile", flush=True)
-        results = run_jobs(jobs, args.jobs, _progress)
+        results = _run_resumable(jobs, args.jobs, args.json)
         info, command = versions(), reproducing_command(argv)
     elapsed = time.perf_counter() - start
     if args.json and not args.report_from:
