@@ -6,6 +6,7 @@ without CUDA, and it turns ``@triton.jit`` kernels into interpreted functions wh
 defined). No GPU is needed: Triton compiles for sm_90 on the CPU.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -211,3 +212,32 @@ def test_reproducing_command_drops_output_options():
     assert aot_check.reproducing_command(argv) == (
         "python -m kvpo_kernels.aot_check --arch 90 --pickable-only"
     )
+
+
+def test_interrupted_run_resumes_from_its_partial_file(tmp_path, monkeypatch):
+    jobs = [
+        aot_check.Job(90, "m.k", "bf16", None, {}, {}, {}, {}, f"BLOCK={b}", True)
+        for b in (16, 32, 64)
+    ]
+    path = tmp_path / "run.json"
+    before = aot_check.Result(90, "m.k", "bf16", "BLOCK=16", True, shared=7, regs=9)
+    (tmp_path / "run.json.partial").write_text(json.dumps(dataclasses.asdict(before)) + "\n")
+    compiled = []
+
+    def run_jobs(todo, workers, progress):
+        out = []
+        for job in todo:
+            compiled.append(job.params)
+            out.append(aot_check.Result(90, job.kernel, job.scenario, job.params, True, shared=1))
+            progress(out[-1], len(out), len(todo))
+        return out
+
+    monkeypatch.setattr(aot_check, "run_jobs", run_jobs)
+    results = aot_check._run_resumable(jobs, 1, path)
+    assert compiled == ["BLOCK=32", "BLOCK=64"]
+    assert [(r.params, r.shared) for r in results] == [
+        ("BLOCK=16", 7),
+        ("BLOCK=32", 1),
+        ("BLOCK=64", 1),
+    ]
+    assert not (tmp_path / "run.json.partial").exists()  # removed once the run is complete
