@@ -20,6 +20,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from kvpo_kernels import aot_check  # noqa: E402
+from kvpo_kernels.aot_check import compile as aot_compile  # noqa: E402
 from kvpo_kernels.ops.triton import routed_attention as ra  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,8 +233,8 @@ def test_interrupted_run_resumes_from_its_partial_file(tmp_path, monkeypatch):
             progress(out[-1], len(out), len(todo))
         return out
 
-    monkeypatch.setattr(aot_check, "run_jobs", run_jobs)
-    results = aot_check._run_resumable(jobs, 1, path)
+    monkeypatch.setattr(aot_compile, "run_jobs", run_jobs)
+    results = aot_compile._run_resumable(jobs, 1, path)
     assert compiled == ["BLOCK=32", "BLOCK=64"]
     assert [(r.params, r.shared) for r in results] == [
         ("BLOCK=16", 7),
