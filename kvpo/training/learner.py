@@ -51,6 +51,7 @@ from kvpo.models.lora import (
 from kvpo.rewards.clips import clip_for, global_clips, score_clips
 from kvpo.streaming import branch_seed, group_seed, stream_from_config
 from kvpo.training.config import TrainConfig
+from kvpo.training.counters import Counters
 from kvpo.training.distributed import DistInfo, any_rank, average_gradients, broadcast_parameters
 from kvpo.training.optim import EMA, build_optimizer, grad_norm
 from kvpo.training.phases import PhaseTimer
@@ -62,32 +63,6 @@ PHASES = ("rollout", "rewards", "replay_old", "replay_ref", "replay_grad", "upda
 
 class SkippedStep(RuntimeError):
     """A step whose rewards or loss were not finite (skipped on every rank)."""
-
-
-@dataclass
-class Counters:
-    """Progress that a checkpoint must carry to resume exactly.
-
-    A *training step* is ``sync_every`` rollouts, as one step of the KVPO authors' ``self.step``
-    is ``gradient_accumulation_steps`` rollouts: each rollout makes ``ppo_epochs`` AdamW updates;
-    at the end of the step the old policy is re-synced, the LR schedule advanced once and
-    ``step`` counted (:meth:`Learner.end_rollout`). ``max_train_steps``, ``lr_warmup_steps`` and the
-    ``*_interval_steps`` count training steps; a run makes ``max_train_steps * sync_every``
-    rollouts and ``max_train_steps * sync_every * ppo_epochs`` updates (skipped rollouts included,
-    without their updates).
-
-    ``step``: training steps done (the scheduler's ``last_epoch`` is ``step + 1``).
-    ``rollouts``: rollouts done, skipped ones included; the next rollout's index, which seeds its
-    prompts, routing plan and noise. ``since_sync``: rollouts since the last old-policy sync
-    (``rollouts == step * sync_every + since_sync``). ``consecutive_skips`` / ``skipped``:
-    skipped rollouts in a row / in all.
-    """
-
-    step: int = 0
-    rollouts: int = 0
-    since_sync: int = 0
-    consecutive_skips: int = 0
-    skipped: int = 0
 
 
 @dataclass
