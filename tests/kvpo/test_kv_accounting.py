@@ -10,11 +10,11 @@ import dataclasses
 
 import pytest
 
-from benchmarks.kv_accounting import (
+from benchmarks.kv_accounting import measure_ours
+from benchmarks.kv_reference import (
     Layout,
     dense_clones_replay_pass,
     dense_clones_rollout,
-    measure_ours,
     reference_group_step,
     reference_rollout,
 )
