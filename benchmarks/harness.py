@@ -84,14 +84,16 @@ def time_ms(
 
 class AllocationPeak:
     """``with AllocationPeak(device) as peak: ...``; then ``peak.bytes``: the peak bytes
-    allocated inside the block above what was allocated when it began.
+    allocated inside the block above what was allocated when it began, and ``peak.net``: what is
+    still allocated at its end (a call's result and, for a grad-carrying forward, what autograd
+    saved).
 
-    CUDA: the caching allocator's peak statistic. CPU: the running sum of the profiler's
-    allocation events (``profile_memory=True``), in time order.
+    CUDA: the caching allocator's statistics. CPU: the running sum of the profiler's allocation
+    events (``profile_memory=True``), in time order.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.bytes = device, 0
+    def __init__(self, device: torch.device | str) -> None:
+        self.device, self.bytes, self.net = torch.device(device), 0, 0
 
     def __enter__(self) -> AllocationPeak:
         if self.device.type == "cuda":
@@ -109,6 +111,7 @@ class AllocationPeak:
         if self.device.type == "cuda":
             _sync(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+            self.net = torch.cuda.memory_allocated(self.device) - self._before
             return
         self._prof.__exit__(*exc)
         events = [
@@ -121,7 +124,7 @@ class AllocationPeak:
         for e in events:
             level += e.nbytes()
             peak = max(peak, level)
-        self.bytes = peak
+        self.bytes, self.net = peak, level
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:

@@ -261,6 +261,6 @@ def stream_from_config(model: VideoModel, cfg, rows: int) -> StreamingGenerator:
         layout=cfg.latent_layout(),
         context_timestep=float(cfg.context_noise),
         rows=rows,
-        window_frames=cfg.policy_window_frames or cfg.routing_geometry().window_frames,
+        window_frames=cfg.policy_frames(),
         backend=None if cfg.kernel_backend == "auto" else cfg.kernel_backend,
     )

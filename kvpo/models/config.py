@@ -11,6 +11,21 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+DEFAULT_TARGETS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ffn.net.0.proj",
+    "ffn.net.2",
+)
+"""LoRA targets by default: every linear of every transformer block (LongLive's choice: all
+``nn.Linear`` in the blocks; names inside a ``WanTransformerBlock``)."""
+
 
 @dataclass(frozen=True)
 class WanConfig:

@@ -34,6 +34,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from kvpo.models.causal_wan import CausalWan
+from kvpo.models.config import DEFAULT_TARGETS
 from kvpo.models.loading import (
     WRAPPER_PREFIXES,
     CheckpointMismatch,
@@ -41,20 +42,6 @@ from kvpo.models.loading import (
     original_to_diffusers,
     read_state_dict,
 )
-
-DEFAULT_TARGETS = (
-    "attn1.to_q",
-    "attn1.to_k",
-    "attn1.to_v",
-    "attn1.to_out.0",
-    "attn2.to_q",
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.to_out.0",
-    "ffn.net.0.proj",
-    "ffn.net.2",
-)
-"""Every linear of every transformer block (LongLive's choice: all ``nn.Linear`` in the blocks)."""
 
 LORA_CHECKPOINT_KEYS = ("generator_lora", "lora", "generator", "model", "state_dict")
 _LORA_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "model.")

@@ -18,21 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from kvpo.models.config import WanConfig
-
-DEFAULT_TARGETS = (
-    "attn1.to_q",
-    "attn1.to_k",
-    "attn1.to_v",
-    "attn1.to_out.0",
-    "attn2.to_q",
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.to_out.0",
-    "ffn.net.0.proj",
-    "ffn.net.2",
-)
-"""``kvpo.models.lora.DEFAULT_TARGETS`` (kept here so that planning imports no peft)."""
+from kvpo.models.config import DEFAULT_TARGETS, WanConfig
 
 TEXT_ONLY = ("attn2.to_k", "attn2.to_v")
 """Block linears applied to the prompt's 512 tokens (once per prompt), not to video tokens."""

@@ -114,8 +114,7 @@ def pool_pages(cfg: TrainConfig, rows: int) -> int:
     (``StreamingGenerator.pages_for``)."""
     from kvpo.streaming import StreamingGenerator
 
-    window = cfg.policy_window_frames or cfg.routing_geometry().window_frames
-    return StreamingGenerator.pages_for(cfg.cache_policy(), rows, window)
+    return StreamingGenerator.pages_for(cfg.cache_policy(), rows, cfg.policy_frames())
 
 
 # ---------------------------------------------------------------------- the plan

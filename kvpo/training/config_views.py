@@ -5,8 +5,9 @@ from __future__ import annotations
 
 
 class TypedViews:
-    """``cache_policy()``, ``schedule()``, ``routing_geometry()``, ``chunks()``,
-    ``policy_config()``, ``advantage_config()``, ``exploration_config()``, ``latent_layout()``."""
+    """``cache_policy()``, ``schedule()``, ``routing_geometry()``, ``policy_frames()``,
+    ``chunks()``, ``policy_config()``, ``advantage_config()``, ``exploration_config()``,
+    ``latent_layout()``."""
 
     def cache_policy(self):
         """:class:`~kvpo.models.CachePolicy`: sink + window view over the resident frames."""
@@ -39,6 +40,11 @@ class TypedViews:
             m_nearest_frames=self.m_nearest_frames,
             perturb_num_blocks=self.perturb_num_blocks,
         )
+
+    def policy_frames(self) -> int:
+        """Frames from the fork whose trajectories are recorded and replayed:
+        ``policy_window_frames``, or the routed window when it is 0."""
+        return self.policy_window_frames or self.routing_geometry().window_frames
 
     def chunks(self):
         """The streaming chunks of a training video (:func:`~kvpo.method.routing.chunk_layout`)."""

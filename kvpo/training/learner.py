@@ -176,7 +176,7 @@ class Learner:
         plan = self.plan(step, rank)
         seed = group_seed(cfg.seed, step, rank)
         noise = self.stream.noise(seed)
-        policy_frames = cfg.policy_window_frames or plan.geometry.window_frames
+        policy_frames = cfg.policy_frames()
         chunk = self.chunks[plan.chunk_index]
         end = cfg.streaming_max_length if cfg.train_global else max(chunk.end_frame, plan.end_frame)
         seeds = [branch_seed(seed, g) for g in range(G)]

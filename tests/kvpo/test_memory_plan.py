@@ -9,10 +9,12 @@ The choice of ``row_micro_batch`` is checked on limits just above / below comput
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 
 import pytest
 import torch
 
+from benchmarks.harness import AllocationPeak
 from kvpo.models import CachePolicy, CausalWan, FrameCache, tiny_config
 from kvpo.models.causal_wan import cast_transformer
 from kvpo.models.config import WAN_1_3B, WanConfig
@@ -22,7 +24,6 @@ from kvpo.planning.activations import ForwardModel
 from kvpo.planning.choose import CONTEXT_BYTES, FRAGMENTATION, start_config
 from kvpo.planning.components import lora_parameters, transformer_bytes
 from kvpo.planning.externals import Setup
-from kvpo.planning.measure import measure
 from kvpo.planning.phases import kv_held_frames
 from kvpo.planning.sizes import SizeError
 from kvpo.training.config_parse import load_config, resolved_dtype
@@ -31,6 +32,22 @@ from kvpo.training.optim import EMA, build_optimizer
 WIDE = WanConfig(num_layers=2, latent_height=8, latent_width=16, text_dim=64)  # 32 tokens/frame
 RANK, ROWS, F = 16, 2, 3
 MEASURED: list[str] = []  # printed with -s: the numbers docs/memory.md quotes
+
+
+@dataclass
+class Measured:
+    """Peak and net bytes of one call above the level before it, and its result."""
+
+    peak: int
+    net: int
+    result: object = None
+
+
+def measure(fn) -> Measured:
+    """Run ``fn()`` once on the CPU under :class:`benchmarks.harness.AllocationPeak`."""
+    with AllocationPeak("cpu") as alloc:
+        result = fn()
+    return Measured(alloc.bytes, alloc.net, result)
 
 
 def check(what: str, predicted: int, measured: int, tol: float = 0.10) -> None:
