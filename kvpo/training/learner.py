@@ -14,7 +14,7 @@ Per step (one prompt group per rank):
    (adapters disabled) policy, once per rollout (:mod:`kvpo.method.replay`);
 5. ``ppo_epochs`` times: the current policy's replay with grad, the objective
    (:func:`kvpo.method.policy.policy_loss`) against the fixed old and reference energies,
-   gradients averaged over ranks, grad-norm clip, AdamW, EMA;
+   gradients averaged over ranks, grad-norm clip, AdamW, EMA (unless kvpo.training.gates skips);
 6. every ``sync_every`` rollouts (one *training step*) the old policy is re-synced and the
    learning-rate schedule advances; the ratio of the first update after each sync is logged
    (it must be exactly 1).
