@@ -25,14 +25,20 @@ from kvpo.streaming import StreamingGenerator
 from kvpo_kernels import tve_energy
 
 
-def step_weights(schedule: FlowSchedule, kind: str) -> torch.Tensor:
-    """``w_s``: ``sigma_s^2`` (``"sigma2"``: the x0-MSE form of the reference code) or 1."""
+def step_weights(schedule: FlowSchedule, kind: str, floor: float = 0.0) -> torch.Tensor:
+    """``w_s [S]``: ``sigma_s^2`` (``"sigma2"``: the x0-MSE form of the reference code), 1
+    (``"uniform"``) or ``sigma_s^2 / max(sigma_s, floor)^2`` (``"floored"``: their
+    ``log_prob_sigma_floor``, with ``tau = 2``)."""
     sigmas = schedule.sigmas().float()
     if kind == "sigma2":
         return sigmas**2
     if kind == "uniform":
         return torch.ones_like(sigmas)
-    raise ValueError(f"tve_step_weight must be 'sigma2' or 'uniform', got {kind!r}")
+    if kind == "floored":
+        if not floor > 0:
+            raise ValueError(f"tve_step_weight 'floored' needs a floor > 0, got {floor}")
+        return sigmas**2 / sigmas.clamp(min=floor) ** 2
+    raise ValueError(f"tve_step_weight must be 'sigma2', 'uniform' or 'floored', got {kind!r}")
 
 
 def replay_energies(

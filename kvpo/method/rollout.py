@@ -14,8 +14,9 @@ With the old policy's weights and no gradient:
    routing: inside the routed window ``[fork, fork + P * F)`` branch ``g`` attends to
    ``plan.context_frames(g, block)`` (denoising steps and context pass alike); the anchor, and
    every row after the window, attends to the default sink + window view. The blocks of the
-   policy window (the routed window unless configured longer) are recorded: ``z[g, b, s]`` and
-   the old policy's velocity ``u[g, b, s]`` (= ``(z - x0_hat) / sigma_s``).
+   policy window (``policy_frames`` from the fork: by default every block of the fork chunk from
+   the fork on, :func:`kvpo.method.routing.energy_frames`) are recorded: ``z[g, b, s]`` and the
+   old policy's velocity ``u[g, b, s]`` (= ``(z - x0_hat) / sigma_s``).
 4. After the window the rows continue unrouted to ``end_frame`` with the remaining switches.
 
 Rows run in micro-batches of ``row_batch`` (all at once by default); each micro-batch runs from

@@ -212,19 +212,43 @@ class TrainConfig(TypedViews):
     advantage_fusion_local_weight: float = _f(1.0, "weight of the local advantage")
     advantage_fusion_global_weight: float = _f(0.5, "weight of the global advantage")
     adv_clip_max: float = _f(2.5, "clip of the fused advantage (0 = off)")
+    use_raw_weighted_reward_advantage: bool = _f(
+        False,
+        "one advantage per signal from the weighted raw rewards (else: the weighted sum "
+        "of per-component advantages)",
+    )
     # policy
     tau: float = _f(2.0, "temperature of the branch softmax: logit = -E / tau", "policy (TVE)")
     tve_step_weight: str = _f(
-        "sigma2", "w_s of the energy: 'sigma2' (x0 MSE) or 'uniform'", choices=("sigma2", "uniform")
+        "sigma2",
+        "w_s of the energy: 'sigma2' (x0 MSE), 'uniform' or 'floored' (sigma^2 / max(sigma, "
+        "tve_sigma_floor)^2)",
+        choices=("sigma2", "uniform", "floored"),
     )
+    tve_sigma_floor: float = _f(0.0, "the floor of tve_step_weight 'floored' (> 0)")
     log_prob_grad_steps: int = _f(2, "denoising steps replayed with gradient (the first ones)")
-    policy_window_frames: int = _f(0, "frames whose energy forms pi; 0 = the routed window")
+    energy_blocks: str = _f(
+        "chunk",
+        "blocks whose TVE forms pi: 'chunk' (every block of the fork chunk from the fork on) "
+        "or 'routed' (the P routed blocks)",
+        choices=("chunk", "routed"),
+    )
+    policy_window_frames: int = _f(0, "frames whose energy forms pi; 0 = energy_blocks' rule")
     clip_range_low: float = _f(0.1, "ratio clip below: 1 - clip_range_low")
     clip_range_high: float = _f(0.2, "ratio clip above: 1 + clip_range_high")
     log_ratio_clamp: float = _f(20.0, "clamp of the log ratio")
     kl_coef: float = _f(10.0, "coefficient of the discrete KL to the reference policy")
     kl_reference_initial: bool = _f(True, "KL reference: initial model (True) or old policy")
     gated_scale: float = _f(0.5, "loss scale s of a group where no branch beats the anchor")
+    protect_mode: str = _f(
+        "gate",
+        "a group where no branch beats the anchor: 'gate' (loss scaled by gated_scale) or "
+        "'skip' (zero loss; the update is skipped when no rank has a better branch)",
+        choices=("gate", "skip"),
+    )
+    min_update_entropy_ratio: float = _f(
+        0.0, "'gate': skip the update when the branch entropy > (1 - ratio) ln G (0 = off)"
+    )
     ppo_epochs: int = _f(
         1, "updates per rollout: each epoch replays the same rollout with the old energies fixed"
     )

@@ -14,7 +14,7 @@ Per step (one prompt group per rank):
    (adapters disabled) policy, once per rollout (:mod:`kvpo.method.replay`);
 5. ``ppo_epochs`` times: the current policy's replay with grad, the objective
    (:func:`kvpo.method.policy.policy_loss`) against the fixed old and reference energies,
-   gradients averaged over ranks, grad-norm clip, AdamW, EMA;
+   gradients averaged over ranks, grad-norm clip, AdamW, EMA (unless kvpo.training.gates skips);
 6. every ``sync_every`` rollouts (one *training step*) the old policy is re-synced and the
    learning-rate schedule advances; the ratio of the first update after each sync is logged
    (it must be exactly 1).
@@ -37,7 +37,7 @@ import torch
 from kvpo.method import policy
 from kvpo.method.advantages import any_branch_beats_anchor, group_advantages
 from kvpo.method.exploration import branch_noise
-from kvpo.method.replay import replay_energies, step_weights
+from kvpo.method.replay import replay_energies
 from kvpo.method.rollout import GroupRollout, rollout_group
 from kvpo.method.routing import RoutingPlan, plan_routing
 from kvpo.models.lora import (
@@ -53,6 +53,7 @@ from kvpo.streaming import branch_seed, group_seed, stream_from_config
 from kvpo.training.config import TrainConfig
 from kvpo.training.counters import Counters
 from kvpo.training.distributed import DistInfo, any_rank, average_gradients, broadcast_parameters
+from kvpo.training.gates import skip_update
 from kvpo.training.optim import EMA, build_optimizer, grad_norm
 from kvpo.training.phases import PhaseTimer
 from kvpo.training.prompts import PromptSource
@@ -102,7 +103,7 @@ class Learner:
         self.model.gradient_checkpointing = cfg.gradient_checkpointing  # grad-carrying replays
         self._setup_adapters()
         self.stream = stream_from_config(model, cfg, self.rows_per_batch)
-        self.weights = step_weights(self.stream.schedule, cfg.tve_step_weight).to(self.device)
+        self.weights = cfg.step_weights().to(self.device)
         self.video_layout = self.stream.layout.mapped(model.video_frame)  # decoded frames
         self.counters = Counters()
         self.last_latents: torch.Tensor | None = None  # [G + 1, C, T, H, W] of the last rollout
@@ -176,7 +177,7 @@ class Learner:
         plan = self.plan(step, rank)
         seed = group_seed(cfg.seed, step, rank)
         noise = self.stream.noise(seed)
-        policy_frames = cfg.policy_frames()
+        policy_frames = cfg.policy_frames(plan)
         chunk = self.chunks[plan.chunk_index]
         end = cfg.streaming_max_length if cfg.train_global else max(chunk.end_frame, plan.end_frame)
         seeds = [branch_seed(seed, g) for g in range(G)]
@@ -242,7 +243,7 @@ class Learner:
             for epoch in range(self.cfg.ppo_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
                 update = self.policy_gradients(data, timer)
-                update.update(self.apply_update(timer))
+                update.update(self.apply_update(timer, update["update/skipped"]))
                 losses.append(update["loss"])
                 if epoch == 0:
                     record = {**data.record, **update}
@@ -334,13 +335,13 @@ class Learner:
             "sync/max_abs_log_ratio": float(log_ratio.abs().max()),
             **({"sync/ratio_exactly_one": bool((log_ratio == 0).all())} if first else {}),
             "policy/ratio": out.ratio,
+            "update/skipped": skip_update(self.policy_config, e_cur, data.beats_anchor, self.info),
             **{f"policy/{k}": v for k, v in out.diagnostics.items()},
         }
 
-    def apply_update(self, timer: PhaseTimer) -> dict:
-        """Average the gradients over ranks, clip, step AdamW, update the EMA. The LR (logged as
-        ``lr``) is the one AdamW steps with; the schedule advances per training step, in
-        :meth:`end_rollout`."""
+    def apply_update(self, timer: PhaseTimer, skip: bool = False) -> dict:
+        """Average the gradients over ranks, clip, then (unless ``skip``: kvpo.training.gates) step
+        AdamW and the EMA; logs AdamW's ``lr`` (the schedule advances in :meth:`end_rollout`)."""
         cfg = self.cfg
         with timer("update"):
             average_gradients(self.params, self.info)
@@ -348,9 +349,10 @@ class Learner:
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.named_params)
+            if not skip:
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.named_params)
         return {"grad_norm": norm, "lr": lr}
 
     def end_rollout(self) -> None:

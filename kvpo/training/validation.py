@@ -50,6 +50,12 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.clip_range_high > 0, f"clip_range_high must be > 0, got {cfg.clip_range_high}")
     need(cfg.kl_coef >= 0, f"kl_coef must be >= 0, got {cfg.kl_coef}")
     need(cfg.gated_scale >= 0, f"gated_scale must be >= 0, got {cfg.gated_scale}")
+    ratio = cfg.min_update_entropy_ratio
+    need(0 <= ratio <= 1, f"min_update_entropy_ratio must be in [0, 1], got {ratio}")
+    need(
+        cfg.tve_step_weight != "floored" or cfg.tve_sigma_floor > 0,
+        f"tve_step_weight 'floored' needs tve_sigma_floor > 0, got {cfg.tve_sigma_floor}",
+    )
     need(cfg.eval_seeds >= 1, f"eval_seeds must be >= 1, got {cfg.eval_seeds}")
     need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
     for key in ("prompt_min_segments", "prompt_max_segments"):
