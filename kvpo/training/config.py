@@ -123,6 +123,15 @@ class TrainConfig(TypedViews):
     )
     num_frame_per_block: int = _f(3, "latent frames generated per block")
     context_noise: int = _f(0, "timestep of the context pass that writes a block's K/V")
+    context_add_noise: bool = _f(
+        True,
+        "the context pass reads (1 - sigma) x0 + sigma * noise, sigma from the authors' "
+        "scheduler table at context_noise (0.00498 at shift 5); false: the clean x0",
+    )
+    recache_full_kv_cache_after_switch: bool = _f(
+        False,
+        "a prompt switch re-encodes all resident_frames frames (false: local_attn_size)",
+    )
     model_kwargs: ModelKwargs = _f(ModelKwargs(), "cache geometry (see model_kwargs.*)")
     slice_last_frames: int = _f(
         15, "resident cache = local_attn_size + slice_last_frames frames (older frames to route)"
