@@ -208,6 +208,12 @@ class TrainConfig(TypedViews):
     )
     reward_components: list[RewardComponent] = _f(TOY_REWARDS, "weighted reward components")
     train_local: bool = _f(True, "use the local reward (the forked chunk)")
+    local_reward_decode: str = _f(
+        "chunk",
+        "the local reward's clip: 'chunk' decodes the forked chunk's latents alone (the authors': "
+        "18 latent frames -> 69 video frames) or 'slice' cuts it from the whole video's decode",
+        choices=("chunk", "slice"),
+    )
     train_global: bool = _f(True, "use the global reward (one clip per prompt segment)")
     long_reward_normal_clip_len: int = _f(
         0, "frames of each global per-segment clip, centred in the segment; 0 = whole segment"
