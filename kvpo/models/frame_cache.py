@@ -69,7 +69,9 @@ class PagedContext:
     ``reservations``: ``(reservation, token_lo, token_hi)``: the block's tokens
     ``[token_lo, token_hi)`` are written through ``reservation`` (a
     :class:`~kvpo_kernels.paged.Reservation` of ``B`` rows and ``token_hi - token_lo`` tokens);
-    empty: read-only, e.g. denoising steps and replay.
+    empty: read-only, e.g. denoising steps and replay. ``block_keys``: ``[L_k]`` long, the
+    block's tokens its queries attend after the cached context (None: all of them; the
+    prompt-switch recache attends to only the window's part of what it re-encodes).
     """
 
     store: object
@@ -77,6 +79,7 @@ class PagedContext:
     ctx_lens: torch.Tensor
     reservations: list[tuple[Reservation, int, int]] = field(default_factory=list)
     backend: str | None = None
+    block_keys: torch.Tensor | None = None
 
     @property
     def writes(self) -> bool:
@@ -94,6 +97,8 @@ class PagedContext:
             v_part = v[:, lo:hi].detach().contiguous()
             self.store.write(layer, reservation, k_part, v_part)
         pages = self.store.kv_pages(layer)
+        if self.block_keys is not None:
+            k, v = k.index_select(1, self.block_keys), v.index_select(1, self.block_keys)
         return routed_attention(
             q, k, v, pages, self.page_table, self.ctx_lens, backend=self.backend
         )

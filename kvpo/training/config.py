@@ -123,6 +123,15 @@ class TrainConfig(TypedViews):
     )
     num_frame_per_block: int = _f(3, "latent frames generated per block")
     context_noise: int = _f(0, "timestep of the context pass that writes a block's K/V")
+    context_add_noise: bool = _f(
+        True,
+        "the context pass reads (1 - sigma) x0 + sigma * noise, sigma from the authors' "
+        "scheduler table at context_noise (0.00498 at shift 5); false: the clean x0",
+    )
+    recache_full_kv_cache_after_switch: bool = _f(
+        False,
+        "a prompt switch re-encodes all resident_frames frames (false: local_attn_size)",
+    )
     model_kwargs: ModelKwargs = _f(ModelKwargs(), "cache geometry (see model_kwargs.*)")
     slice_last_frames: int = _f(
         15, "resident cache = local_attn_size + slice_last_frames frames (older frames to route)"
@@ -199,6 +208,12 @@ class TrainConfig(TypedViews):
     )
     reward_components: list[RewardComponent] = _f(TOY_REWARDS, "weighted reward components")
     train_local: bool = _f(True, "use the local reward (the forked chunk)")
+    local_reward_decode: str = _f(
+        "chunk",
+        "the local reward's clip: 'chunk' decodes the forked chunk's latents alone (the authors': "
+        "18 latent frames -> 69 video frames) or 'slice' cuts it from the whole video's decode",
+        choices=("chunk", "slice"),
+    )
     train_global: bool = _f(True, "use the global reward (one clip per prompt segment)")
     long_reward_normal_clip_len: int = _f(
         0, "frames of each global per-segment clip, centred in the segment; 0 = whole segment"

@@ -14,9 +14,11 @@ class TypedViews:
         from kvpo.models.frame_cache import CachePolicy
 
         mk = self.model_kwargs
+        recache = self.resident_frames if self.recache_full_kv_cache_after_switch else None
         return CachePolicy(
-            mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block
-        )
+            mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block,
+            recache_size=recache,
+        )  # fmt: skip
 
     def schedule(self):
         """:class:`~kvpo.models.FlowSchedule` of the few-step sampler."""

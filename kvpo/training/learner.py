@@ -48,7 +48,7 @@ from kvpo.models.lora import (
     lora_parameters,
     merge_lora_into_base,
 )
-from kvpo.rewards.clips import clip_for, global_clips, score_clips
+from kvpo.rewards.clips import global_clips, local_reward_input, score_clips
 from kvpo.streaming import branch_seed, group_seed, stream_from_config
 from kvpo.training.config import TrainConfig
 from kvpo.training.counters import Counters
@@ -194,19 +194,20 @@ class Learner:
         """``(local, global, videos)``: each signal ``(branch rewards {name: [G]}, anchor
         {name: scalar})`` or None when not trained on."""
         cfg, G = self.cfg, self.cfg.K
-        videos = self.video_model.decode(ro.latents)
-        chunk = self.chunks[ro.plan.chunk_index]
-        frame, layout = self.video_model.video_frame, self.video_layout
-        local = clip_for(layout, prompts, frame(chunk.start_frame), frame(chunk.end_frame))
+        videos, chunk = self.video_model.decode(ro.latents), self.chunks[ro.plan.chunk_index]
+        span = (self.stream.layout, prompts, chunk.start_frame, chunk.end_frame)
+        segment_clips = global_clips(self.video_layout, prompts, cfg.long_reward_normal_clip_len)
         out = []
-        for use, clips in (
-            (cfg.train_local, [local]),
-            (cfg.train_global, global_clips(layout, prompts, cfg.long_reward_normal_clip_len)),
-        ):
+        for use, inputs in (  # (videos, clips) of each signal, built only when it is used
+            (cfg.train_local, lambda: local_reward_input(
+                cfg.local_reward_decode, self.video_model, ro.latents, videos, *span)),
+            (cfg.train_global, lambda: (videos, segment_clips)),
+        ):  # fmt: skip
             if not use:
                 out.append(None)
                 continue
-            scores = score_clips(self.reward, videos, [clips] * (G + 1))
+            clip_videos, clips = inputs()
+            scores = score_clips(self.reward, clip_videos, [clips] * (G + 1))
             out.append(
                 ({k: v[:G] for k, v in scores.items()}, {k: v[G] for k, v in scores.items()})
             )

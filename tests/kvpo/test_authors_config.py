@@ -164,10 +164,12 @@ def test_every_key_of_both_files_is_in_the_table():
         for key in leaves:
             assert f"  {key} " in table, key
         assert sum(translation.counts().values()) == len(leaves)
-    # and the table holds no key that neither file has, but the launcher's ssh spellings
+    # and the table holds no key that neither file has, but the launcher's ssh spellings and the
+    # keys only their trainer reads (getattr with a default)
     spare = {r.key for r in RULES} - seen
-    assert spare == {f"multinode.nodes.<alias>.{k}" for k in ("host", "hostname", "port", "user")}
-    assert spare == authors.LAUNCHER_SPELLINGS
+    launcher = {f"multinode.nodes.<alias>.{k}" for k in ("host", "hostname", "port", "user")}
+    assert spare == launcher | {"recache_full_kv_cache_after_switch"}
+    assert spare == authors.LAUNCHER_SPELLINGS | authors.TRAINER_ONLY
     memflow_only = {pattern(k) for k, _ in flatten(_raw(MEMFLOW))} - {
         pattern(k) for k, _ in flatten(_raw(LONGLIVE))
     }
@@ -176,7 +178,7 @@ def test_every_key_of_both_files_is_in_the_table():
 
 def test_rule_categories():
     counts = authors.rule_counts()
-    assert counts == {MAPPED: 74, NO_EFFECT: 27, NOT_IMPLEMENTED: 5}
+    assert counts == {MAPPED: 75, NO_EFFECT: 27, NOT_IMPLEMENTED: 5}
     for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master",
                 "policy_window_frames", "policy_window_multiple"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
@@ -324,6 +326,22 @@ def test_absent_keys_take_their_codes_defaults(tmp_path):
     memflow = _raw(MEMFLOW)
     del memflow["long_reward_normal_clip_len"]
     assert translate(memflow).values["long_reward_normal_clip_len"] == 48
+
+
+def test_recache_full_kv_cache_after_switch(tmp_path):
+    """Their trainer's key (no file sets it): false re-encodes local_attn_size frames at a
+    switch, true the whole cache, local_attn_size + slice_last_frames = 12 + 21 frames."""
+    data = _raw(LONGLIVE)
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.recache_full_kv_cache_after_switch is False
+    assert cfg.cache_policy().recache_frames(60) == range(48, 60)
+    data["recache_full_kv_cache_after_switch"] = True
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.recache_full_kv_cache_after_switch is True
+    assert cfg.cache_policy().recache_size == 33
+    assert cfg.cache_policy().recache_frames(60) == range(27, 60)
+    row = {r.key: r for r in translate(data).rows}["recache_full_kv_cache_after_switch"]
+    assert row.present and row.kind == MAPPED
 
 
 @pytest.mark.parametrize(

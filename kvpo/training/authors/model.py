@@ -33,6 +33,7 @@ def translate_model(t: Translator) -> None:
         "model_kwargs.sink_size",
         "slice_last_frames",
         "context_noise",
+        "recache_full_kv_cache_after_switch",
     )
     t.not_implemented(
         "model_kwargs.bank_size",

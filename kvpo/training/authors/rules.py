@@ -119,7 +119,12 @@ RULES: tuple[Rule, ...] = (
          "the cache holds local_attn_size + slice_last_frames frames (older frames to route)",
          "slice_last_frames", 21, parse=values.integer),
     Rule("context_noise", MAPPED, "timestep of the context pass that writes a block's K/V",
-         "context_noise", 0, parse=values.integer),
+         "context_noise (the input noised by their scheduler's add_noise at it: "
+         "context_add_noise true)", 0, parse=values.integer),
+    Rule("recache_full_kv_cache_after_switch", MAPPED,
+         "at a prompt switch, re-encodes the whole KV cache (local_attn_size + "
+         "slice_last_frames frames, in passes of 21) instead of the last local_attn_size",
+         "recache_full_kv_cache_after_switch", False, parse=values.boolean),
     # ---- prompts
     Rule("data_path", MAPPED,
          "prompt file: formatted .txt ('n,[segment],[segment]') or .jsonl ('prompts' lists); "
