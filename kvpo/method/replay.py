@@ -76,6 +76,7 @@ def replay_energies(
             text = stream.text_at(texts, start)
             if b > 0 and start in switches:
                 stream.recache(rows, torch.cat([prefix, *replayed], dim=2), text, start)
+            cache.bank_refresh(rows, text)  # MemFlow's bank (pinned with the view)
             if grad:
                 pins.append([cache.snapshot(r) for r in rows])
             view = cache.view(rows, start, F)
@@ -88,6 +89,7 @@ def replay_energies(
                 with torch.no_grad():
                     write = cache.view(rows, start, F, write=True)
                     model.write_context(x0, text, start, write, timestep=stream.context_timestep)
+                cache.bank_record(rows, start)
                 replayed.append(x0)
         for b, pinned in enumerate(pins):
             view = cache.view(pinned, starts[b], F)

@@ -212,6 +212,7 @@ def recache(
     rows = list(rows)
     window = window.expand(len(rows), *window.shape[1:])
     step = cache.policy.frames_per_block
+    cache.bank_refresh(rows, None)  # MemFlow: the switch cleared the prompt query
     for lo in range(frames.start, frames.stop, step):
         hi = min(lo + step, frames.stop)
         plan = list(range(frames.start, lo))
@@ -319,6 +320,7 @@ def generate(
                 if renoise is None
                 else _rows(renoise, sub, batch, dim=1)[:, :, :, lo : lo + block]
             )
+            cache.bank_refresh(sub_rows, sub_text)  # MemFlow's bank, before the first step
             view = cache.view(sub_rows, f0, block, plans=sub_plan)
             if context_hook is not None:
                 view = context_hook(view, start_frame=f0, plans=sub_plan)
@@ -330,6 +332,7 @@ def generate(
             )
             write = cache.view(sub_rows, f0, block, plans=sub_plan, write=True)
             model.write_context(x0, sub_text, f0, write, timestep=context_timestep)
+            cache.bank_record(sub_rows, f0)
             pieces.append(x0)
             trajs.append(traj)
         out[:, :, lo : lo + block] = torch.cat(pieces)

@@ -15,7 +15,12 @@ class TypedViews:
 
         mk = self.model_kwargs
         return CachePolicy(
-            mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block
+            mk.sink_size,
+            mk.local_attn_size,
+            self.resident_frames,
+            self.num_frame_per_block,
+            bank_size=mk.bank_size,
+            record_interval=mk.record_interval,
         )
 
     def schedule(self):
