@@ -105,11 +105,15 @@ class PagedContext:
             k_part = k[:, lo:hi].detach().contiguous()
             v_part = v[:, lo:hi].detach().contiguous()
             self.store.write(layer, reservation, k_part, v_part)
+        table, lens = self.table(layer)
         pages = self.store.kv_pages(layer)
-        table, lens = self.page_table, self.ctx_lens
-        if self.layer_tables is not None:
-            table, lens = self.layer_tables[layer]
         return routed_attention(q, k, v, pages, table, lens, backend=self.backend)
+
+    def table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(page_table [B, N], ctx_lens [B])`` layer ``layer`` attends through."""
+        if self.layer_tables is not None:
+            return self.layer_tables[layer]
+        return self.page_table, self.ctx_lens
 
 
 class FrameCache(BankedRows):

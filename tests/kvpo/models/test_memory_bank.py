@@ -243,3 +243,44 @@ def test_bank_generation_equals_their_dense_transcription():
             assert all(len(f) == size for f in layers)
     torch.testing.assert_close(outs[size], ref, **TOL)
     assert (outs[0] - ref).abs().max() > 1e-3  # the bank changes the video
+
+
+def test_bank_pages_are_references_and_return_to_the_pool():
+    """A lean row releases old frames, its bank keeps their pages (shared, never copied);
+    forks share them; freeing every row returns every page."""
+    model = random_model()
+    policy = CachePolicy(SINK, LOCAL, RESIDENT, FPB, bank_size=2, record_interval=1)
+    cache = FrameCache.create(model.config, policy, num_pages=64)
+    (row,) = cache.new_rows(1, lean=True)
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(1, 3, 18, 16, 16, generator=g)
+    renoise = torch.randn(3, 1, 3, 18, 16, 16, generator=g)
+    text = model.encode_text(torch.randn(1, 5, 32, generator=g))
+    with torch.no_grad():
+        generate(model, cache, [row], text, noise, renoise=renoise)
+    bank = cache.bank(row)
+    assert bank.records == 6 and bank.pending is not None
+    assert len(bank.pages()) >= 3  # the slots of both layers and the pending frame 15
+    cache.retain(row, [])  # the row releases every frame; its bank keeps its pages
+    assert (
+        cache.frames(row) == [] and cache.held_bytes == len(bank.pages()) * cache.store.page_bytes
+    )
+    for page in bank.pages():
+        assert cache.store.refcount(page) == 1
+    kids = cache.fork(row, 2)
+    assert all(cache.store.refcount(p) == 3 for p in bank.pages())
+    assert cache.bank(kids[0]).slots == bank.slots and cache.bank(kids[0]) is not bank
+    cache.free([row, *kids])
+    assert cache.held_bytes == 0 and cache.store.copied_bytes == 0
+
+
+def test_policy_bank_keys():
+    with pytest.raises(ValueError, match="bank_size >= 0"):
+        CachePolicy(bank_size=-1)
+    with pytest.raises(ValueError, match="record_interval >= 1"):
+        CachePolicy(bank_size=3, record_interval=0)
+    policy = CachePolicy(3, 12, 33, 3, bank_size=3, record_interval=3)
+    assert [f for f in range(0, 40, 3) if policy.records(f)] == [0, 9, 18, 27, 36]
+    assert not CachePolicy().records(0) and CachePolicy().bank_pages(30, 147) == 0
+    assert policy.bank_pages(30, 147) == 17 + 1  # 17 records of a 147-frame video, + pending
+    assert policy.bank_pages(2, 147) == 2 * 2 + 1 + 1  # each layer keeps 2 of its own
