@@ -145,9 +145,10 @@ class StreamingGenerator:
         and a block in flight. Global attention or a full recache keeps every frame:
         ``resident_frames + window + 2F`` per row, the snapshot included. ``bank_pages``:
         MemFlow's bank pages one row may hold (:meth:`CachePolicy.bank_pages`), for the
-        snapshot and every row."""
-        bank = bank_pages * (rows + 1)
+        snapshot and every row, plus one per recorded block (a grad replay's pinned views keep
+        each block's bank)."""
         F = policy.frames_per_block
+        bank = (bank_pages + (-(-window_frames // F) if bank_pages else 0)) * (rows + 1)
         if policy.resident_frames == -1 or policy.recache_size == -1:
             local, resident = policy.local_attn_size, policy.resident_frames
             window = local if local > 0 else resident

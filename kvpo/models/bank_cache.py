@@ -14,6 +14,7 @@ class BankedRows:
     """Bank operations of a frame cache; the cache provides ``store``, ``policy`` and
     ``_get(row)`` / ``_frame_pages(state)`` (rows with a ``bank``: :class:`BankState` or None)."""
 
+    @torch.no_grad()  # a discrete selection: the scores carry no gradient
     def bank_refresh(self, rows: Sequence[int], text=None) -> None:
         """MemFlow's refresh before a block's first denoising step (and in a recache): move each
         row's pending frame into every layer's bank (:mod:`kvpo.models.memory_bank`).

@@ -106,6 +106,19 @@ def test_replay_sees_the_rollouts_bank(setup, monkeypatch):
     with torch.no_grad():
         energy = replay_energies(stream, ro, texts, weights, branches=[0, 1, 2], grad_steps=0)
         assert energy.abs().max() < 1e-9
+    # the grad replay's pinned views (each block's bank kept until the second pass) too
+    pinned = replay_energies(stream, ro, texts, weights, branches=[0, 1], grad_steps=1)
+    assert pinned.requires_grad and pinned.detach().abs().max() < 1e-9
+    assert stream.cache.rows() == [ro.snapshot]
+    with torch.no_grad():
         monkeypatch.setattr(stream.cache, "bank_record", lambda rows, frame: None)
         skipped = replay_energies(stream, ro, texts, weights, branches=[0], grad_steps=0)
     assert skipped.min() > 1e-6
+
+
+def test_page_pool_counts_the_bank():
+    """Without a bank the pool is unchanged; with one every row and the snapshot get the
+    policy's bank pages plus one per recorded block."""
+    plain = StreamingGenerator.pages_for(_policy(0), 4, 6)
+    assert StreamingGenerator.pages_for(_policy(0), 4, 6, bank_pages=0) == plain
+    assert StreamingGenerator.pages_for(_policy(2), 4, 6, bank_pages=5) == plain + (5 + 2) * 5
