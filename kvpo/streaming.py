@@ -136,27 +136,38 @@ class StreamingGenerator:
         self.cache = FrameCache.create(
             self.wan.config,
             policy,
-            self.pages_for(policy, rows, window_frames),
+            self.pages_for(
+                policy,
+                rows,
+                window_frames,
+                policy.bank_pages(model.wan.config.num_layers, layout.num_frames),
+            ),
             dtype=self.wan.dtype,
             device=self.wan.device,
             backend=backend,
         )
 
     @staticmethod
-    def pages_for(policy: CachePolicy, rows: int, window_frames: int = 0) -> int:
+    def pages_for(
+        policy: CachePolicy, rows: int, window_frames: int = 0, bank_pages: int = 0
+    ) -> int:
         """Pages for the fork snapshot (its resident frames and a block in flight) plus ``rows``
         lean rows alive at once, each holding at most its recorded window's frames (a grad
         replay's pinned views; at least ``local_attn_size``), a recache's re-encoded frames
         and a block in flight. Global attention or a full recache keeps every frame:
-        ``resident_frames + window + 2F`` per row, the snapshot included."""
+        ``resident_frames + window + 2F`` per row, the snapshot included. ``bank_pages``:
+        MemFlow's bank pages one row may hold (:meth:`CachePolicy.bank_pages`), for the
+        snapshot and every row, plus one per recorded block (a grad replay's pinned views keep
+        each block's bank)."""
         F = policy.frames_per_block
+        bank = (bank_pages + (-(-window_frames // F) if bank_pages else 0)) * (rows + 1)
         if policy.resident_frames == -1 or policy.recache_size == -1:
             local, resident = policy.local_attn_size, policy.resident_frames
             window = local if local > 0 else resident
-            return (resident + window + 2 * F) * (rows + 1)
+            return (resident + window + 2 * F) * (rows + 1) + bank
         recache = policy.local_attn_size if policy.recache_size is None else policy.recache_size
         per_row = max(window_frames, policy.local_attn_size) + recache + F
-        return policy.resident_frames + F + rows * per_row
+        return policy.resident_frames + F + rows * per_row + bank
 
     @property
     def schedule(self) -> FlowSchedule:

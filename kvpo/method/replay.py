@@ -85,6 +85,7 @@ def replay_energies(
             text = stream.text_at(texts, start)
             if b > 0 and start in switches:
                 stream.recache(rows, torch.cat([prefix, *replayed], dim=2), text, start)
+            cache.bank_refresh(rows, text)  # MemFlow's bank (pinned with the view)
             if grad:
                 pins.append([cache.snapshot(r) for r in rows])
             view = cache.view(rows, start, F)
@@ -99,6 +100,7 @@ def replay_energies(
                     write = cache.view(rows, start, F, write=True)
                     x_ctx = context_input(x0, eps, stream.context_sigma)
                     model.write_context(x_ctx, text, start, write, timestep=stream.context_timestep)
+                cache.bank_record(rows, start)
                 replayed.append(x0)
         for b, pinned in enumerate(pins):
             view = cache.view(pinned, starts[b], F)

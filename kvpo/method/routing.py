@@ -180,6 +180,8 @@ class RoutingPlan:
 
     Redrawn identically by :func:`plan_routing` from ``(seed, step, rank)`` and the geometry.
     ``routed[g]``: sorted absolute frame indices ``R_g`` (length ``n_random``) of branch ``g``.
+    ``rule``: ``"longlive"`` (contexts start with the sink) or ``"memflow"`` (no separate sink:
+    :mod:`kvpo.method.routing_memflow`).
     """
 
     seed: int
@@ -193,6 +195,7 @@ class RoutingPlan:
     pool_end: int
     num_eligible: int
     routed: list[list[int]] = field(default_factory=list)
+    rule: str = "longlive"
 
     @property
     def end_frame(self) -> int:
@@ -210,8 +213,9 @@ class RoutingPlan:
     def context_frames(self, branch: int, block_start: int) -> list[int]:
         """Cached frames branch ``branch`` attends to while generating ``block_start``.
 
-        ``sink ++ R_g ++ nearest cached frames``, in attention order; the current block's own
-        frames are attended as new tokens and are not listed.
+        ``sink ++ R_g ++ nearest cached frames`` (rule ``"memflow"``: ``R_g ++ nearest``), in
+        attention order; the current block's own frames are attended as new tokens and are not
+        listed.
         """
         if not self.in_window(block_start):
             raise RoutingError(
@@ -220,10 +224,9 @@ class RoutingPlan:
             )
         g = self.geometry
         nearest_start = block_start + g.num_frame_per_block - g.m_nearest_frames
+        sink = 0 if self.rule == "memflow" else g.sink_size
         return (
-            list(range(g.sink_size))
-            + list(self.routed[branch])
-            + list(range(nearest_start, block_start))
+            list(range(sink)) + list(self.routed[branch]) + list(range(nearest_start, block_start))
         )
 
     def distinct_sets(self) -> int:

@@ -17,7 +17,9 @@ what the authors' ``DiversitySamplingPipeline.recache_after_switch``
   at frame 0 (a switch at or before ``local_attn_size``), which re-encodes the sink too;
 - RoPE positions are the frames' absolute indices, the timestep is ``context_timestep`` and the
   input the clean latents (no noise is added here);
-- frames older than ``R`` keep their entries.
+- frames older than ``R`` keep their entries;
+- with MemFlow's bank, the bank is refreshed first with a cleared prompt query (their
+  cross-attention cache is zero after the switch) and every pass attends to it.
 
 Queries of frames whose K/V are not written (sink frames in a pass not starting at 0) change
 nothing and are not run.
@@ -95,6 +97,7 @@ def recache(
     window = window.expand(len(rows), *window.shape[1:])
     per_frame = model.config.tokens_per_frame
     step = pass_frames(policy)
+    cache.bank_refresh(rows, None)  # MemFlow: the switch cleared the prompt query
     for a in range(frames.start, frames.stop, step):
         b = min(a + step, frames.stop)
         lo = a if a == 0 else max(a, policy.sink_size)  # the sink is kept unless a == 0

@@ -313,6 +313,7 @@ def generate(
                 if renoise is None
                 else _rows(renoise, sub, batch, dim=1)[:, :, :, lo : lo + block]
             )
+            cache.bank_refresh(sub_rows, sub_text)  # MemFlow's bank, before the first step
             view = cache.view(sub_rows, f0, block, plans=sub_plan)
             if context_hook is not None:
                 view = context_hook(view, start_frame=f0, plans=sub_plan)
@@ -328,6 +329,7 @@ def generate(
                 eps = _rows(context_noise, sub, batch)[:, :, lo : lo + block]
             x_ctx = context_input(x0, eps, context_sigma)
             model.write_context(x_ctx, sub_text, f0, write, timestep=context_timestep)
+            cache.bank_record(sub_rows, f0)
             pieces.append(x0)
             trajs.append(traj)
         out[:, :, lo : lo + block] = torch.cat(pieces)

@@ -51,6 +51,8 @@ class ModelKwargs:
     local_attn_size: int = _f(9, "frames a block attends to, sink and current block included")
     sink_size: int = _f(3, "first frames kept in the cache forever (the attention sink)")
     timestep_shift: float = _f(1.0, "flow-matching time shift of the sampler's schedule")
+    bank_size: int = _f(0, "MemFlow's memory bank: frames per layer (0 = no bank, LongLive)")
+    record_interval: int = _f(3, "MemFlow: a block's first frame is recorded every this many")
 
 
 @dataclass
@@ -162,6 +164,12 @@ class TrainConfig(TypedViews):
         "dispersed",
         "'dispersed' (slices of one permutation, reference) or 'independent'",
         choices=("dispersed", "independent"),
+    )
+    routing_rule: str = _f(
+        "longlive",
+        "routed contexts: 'longlive' (sink ++ local_attn_size - sink - m routed frames ++ "
+        "nearest) or 'memflow' (local_attn_size - m routed cache slots ++ nearest, no sink)",
+        choices=("longlive", "memflow"),
     )
     exploration: str = _f(
         "kv_routing",

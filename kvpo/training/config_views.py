@@ -17,7 +17,7 @@ class TypedViews:
         recache = self.resident_frames if self.recache_full_kv_cache_after_switch else None
         return CachePolicy(
             mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block,
-            recache_size=recache,
+            recache_size=recache, bank_size=mk.bank_size, record_interval=mk.record_interval,
         )  # fmt: skip
 
     def schedule(self):

@@ -39,7 +39,8 @@ from kvpo.method.advantages import any_branch_beats_anchor, group_advantages
 from kvpo.method.exploration import branch_noise
 from kvpo.method.replay import replay_energies
 from kvpo.method.rollout import GroupRollout, rollout_group
-from kvpo.method.routing import RoutingPlan, plan_routing
+from kvpo.method.routing import RoutingPlan
+from kvpo.method.routing_memflow import plan_for_rule
 from kvpo.models.lora import (
     active_adapter,
     adapters_disabled,
@@ -167,9 +168,10 @@ class Learner:
         """The group's routing plan (its start block is the fork frame in every exploration
         mode; the routed sets are used when :attr:`exploration` routes)."""
         cfg = self.cfg
-        return plan_routing(
-            self.geometry, self.chunks, cfg.K, seed=cfg.seed, step=step, rank=rank,
-            within_first_x_chunks=cfg.perturb_within_first_x_chunks, mode=cfg.routing_mode,
+        return plan_for_rule(
+            cfg.routing_rule, self.geometry, self.chunks, cfg.K, seed=cfg.seed, step=step,
+            rank=rank, within_first_x_chunks=cfg.perturb_within_first_x_chunks,
+            mode=cfg.routing_mode,
         )  # fmt: skip
 
     def rollout(self, step: int, prompts: list[str], rank: int) -> GroupRollout:

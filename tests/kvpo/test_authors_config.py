@@ -128,17 +128,21 @@ def test_longlive_loads_with_their_values(capsys):
 def test_memflow_loads_with_their_values(capsys):
     cfg = load_config(MEMFLOW)
     assert cfg.generator_ckpt == "checkpoints/memflow/base.pt"
-    assert cfg.m_nearest_frames == 3  # n_random = 12 - 3 - 3 = 6
+    assert cfg.m_nearest_frames == 3  # MemFlow's rule: 12 - 3 = 9 routed cache slots
+    assert (cfg.model_kwargs.bank_size, cfg.model_kwargs.record_interval) == (3, 3)
+    assert cfg.routing_rule == "memflow"
+    assert cfg.cache_policy().bank_size == 3
     assert cfg.row_micro_batch == 4  # branch_backward_chunk_size 4
     assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
     assert (cfg.adapter.rank, cfg.adapter.alpha) == (256, 256.0)
     first = capsys.readouterr().err.splitlines()[0]
-    assert "74 mapped, 26 no effect here, 5 not implemented here" in first
+    assert "76 mapped, 26 no effect here, 3 not implemented here" in first
     # the rest as LongLive's file: the two files differ in these keys only
     longlive = load_config(LONGLIVE)
     differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
     assert differ == {"generator_ckpt", "lora_ckpt", "m_nearest_frames", "row_micro_batch",
-                      "output_dir"}  # fmt: skip
+                      "output_dir", "model_kwargs", "routing_rule"}  # fmt: skip
+    assert longlive.routing_rule == "longlive" and longlive.model_kwargs.bank_size == 0
 
 
 def test_the_translation_passes_validation_apart_from_missing_paths():
@@ -178,14 +182,15 @@ def test_every_key_of_both_files_is_in_the_table():
 
 def test_rule_categories():
     counts = authors.rule_counts()
-    assert counts == {MAPPED: 75, NO_EFFECT: 27, NOT_IMPLEMENTED: 5}
+    assert counts == {MAPPED: 77, NO_EFFECT: 27, NOT_IMPLEMENTED: 3}
     for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master",
                 "policy_window_frames", "policy_window_multiple"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
-    for key in ("model_kwargs.bank_size", "model_kwargs.SMA"):
+    for key in ("model_kwargs.SMA",):
         assert RULE_BY_KEY[key].kind == NOT_IMPLEMENTED, key
     for key in ("prompt_min_segments", "prompt_max_segments", "data_path",
-                "use_raw_weighted_reward_advantage", "min_update_entropy_ratio"):  # fmt: skip
+                "use_raw_weighted_reward_advantage", "min_update_entropy_ratio",
+                "model_kwargs.bank_size", "model_kwargs.record_interval"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == MAPPED, key
 
 
@@ -206,19 +211,15 @@ def test_no_effect_keys_print_one_line_each(capsys):
     assert len(group) == 1 and all(key in group[0] for key in MULTINODE)
     assert "no effect here: the multi-node launcher's ssh targets" in group[0]
     # not implemented with a value that does something: one line each; no-op values: none
-    for key in ("model_kwargs.bank_size", "model_kwargs.record_interval"):
-        mine = [line for line in lines if line.startswith(f"{key}: ")]
-        assert len(mine) == 1 and "not implemented here" in mine[0], (key, mine)
-        assert mine[0].endswith("the run proceeds without it")
-    assert "bank of 3 frames between the sink and the local window" in "\n".join(lines)
-    for key in [*SILENT, "model_kwargs.SMA"]:
+    for key in [*SILENT, "model_kwargs.SMA", "model_kwargs.bank_size",
+                "model_kwargs.record_interval"]:  # fmt: skip
         assert not any(line.startswith(f"{key}: ") for line in lines), key
     # mapped keys print only where the conversion is not exact
     printed = {line.split(":", 1)[0] for line in lines}
     assert printed & {r.key for r in RULES if r.kind == MAPPED} == {
         "lora_ckpt", "lr_warmup_steps", "ema_decay", "eval_prompts",
     }  # fmt: skip
-    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 2 + 4
+    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 4
     assert len(lines) == n_lines
 
 
@@ -239,7 +240,7 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
         ("global_sink", "re-encodes the sink with the new prompt"),
         ("long_reward_normal_weight", "makes their global reward 0"),
         ("eval_reward_components", "here it scores reward_components"),
-        ("model_kwargs.SMA", "top-3 bank frames"),
+        ("model_kwargs.SMA", "top-3 of the sink and bank frames"),
         ("last_step_only", "stops every block at one random denoising step"),
     ):
         mine = [line for line in lines if line.startswith(f"{key}: ")]
@@ -457,10 +458,10 @@ def test_subprocess_check_runs(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr  # their paths are not on this machine
-    assert "105 keys in the file: 74 mapped, 24 no effect here, 7 not implemented here" in (
+    assert "105 keys in the file: 76 mapped, 26 no effect here, 3 not implemented here" in (
         run.stdout
     )
-    assert "model_kwargs.bank_size: 3: not implemented here" in run.stderr
+    assert "model_kwargs.bank_size" not in run.stderr  # mapped: nothing printed
     assert "generator_ckpt: checkpoint path 'checkpoints/memflow/base.pt' does not exist" in (
         run.stderr
     )

@@ -96,18 +96,19 @@ RULES: tuple[Rule, ...] = (
          "model_kwargs.timestep_shift", 8.0, parse=values.number),
     Rule("model_kwargs.sink_size", MAPPED, "first frames kept in the cache (attention sink)",
          "model_kwargs.sink_size", 0, parse=values.integer),
-    Rule("model_kwargs.bank_size", NOT_IMPLEMENTED,
-         "MemFlow: a memory bank of bank_size frames of compressed K/V from earlier blocks, "
-         "attended between the sink and the local window",
-         "not implemented here: the causal model keeps LongLive's sink + window cache, so a "
-         "MemFlow checkpoint runs without its memory bank (printed whenever set)"),
-    Rule("model_kwargs.record_interval", NOT_IMPLEMENTED,
-         "MemFlow: blocks between two writes into the memory bank",
-         "not implemented here (no memory bank; printed whenever set)"),
+    Rule("model_kwargs.bank_size", MAPPED,
+         "MemFlow: a memory bank of bank_size frames of K/V per layer, refreshed by saliency "
+         "to the prompt, attended besides the sink and the local window",
+         "model_kwargs.bank_size (and routing_rule = 'memflow': their file's routing)", None,
+         parse=values.integer),
+    Rule("model_kwargs.record_interval", MAPPED,
+         "MemFlow: every record_interval blocks a block's first frame enters the bank",
+         "model_kwargs.record_interval", None, parse=values.integer),
     Rule("model_kwargs.SMA", NOT_IMPLEMENTED,
-         "MemFlow sparse memory activation: a block attends to the top-3 bank frames for its "
-         "query instead of the whole bank",
-         "not implemented here (no memory bank); false does nothing", parse=values.boolean),
+         "MemFlow sparse memory activation: a block attends to the top-3 sink and bank frames "
+         "per head for its mean query instead of the whole bank",
+         "not implemented here (the whole bank is attended); false does nothing",
+         parse=values.boolean),
     # ---- streaming
     Rule("streaming_chunk_size", MAPPED, "frames of the first streaming chunk",
          "streaming_chunk_size", REQUIRED, parse=values.integer),
