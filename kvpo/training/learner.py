@@ -205,7 +205,7 @@ class Learner:
             if not use:
                 out.append(None)
                 continue
-            scores = score_clips(self.reward, videos, [clips] * (G + 1))
+            scores = score_clips(self.reward, videos, [clips] * (G + 1), cfg.reward_videos_per_call)
             out.append(
                 ({k: v[:G] for k, v in scores.items()}, {k: v[G] for k, v in scores.items()})
             )
