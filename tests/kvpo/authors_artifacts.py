@@ -140,7 +140,9 @@ def write_small_hpsv3(root: Path) -> tuple[Path, Path]:
     """``(HPSv3 dir, Qwen2-VL base dir)``: the tiny released layout at :data:`HPSV3_PIXELS`."""
     folder, base, _, _ = write_hpsv3(root)
     config = folder / "HPSv3_7B.yaml"
-    text = config.read_text().replace("200704 # 256 * 28 * 28", str(HPSV3_PIXELS))
-    config.write_text(text.replace("min_pixels: 200704", f"min_pixels: {HPSV3_PIXELS}"))
-    assert text.count(str(HPSV3_PIXELS)) == 1
+    lines = config.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("max_pixels:", "min_pixels:")):
+            lines[i] = f"{line.split(':')[0]}: {HPSV3_PIXELS}"
+    config.write_text("\n".join(lines) + "\n")
     return folder, base
