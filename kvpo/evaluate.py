@@ -23,7 +23,7 @@ import torch
 
 from kvpo.models.lora import merge_lora_into_base
 from kvpo.rewards.clips import global_clips, score_clips
-from kvpo.rewards.registry import resolve_reward, reward_options
+from kvpo.rewards.registry import resolve_reward, reward_options, select_components
 from kvpo.streaming import stream_from_config
 from kvpo.training.config import ConfigError, TrainConfig
 from kvpo.training.config_parse import load_config
@@ -35,13 +35,15 @@ from kvpo.video_model import VideoModel, load_video_model, toy_video_model
 
 
 def model_scores(cfg: TrainConfig, model: VideoModel, info: DistInfo) -> dict[str, list[float]]:
-    """``{component: [eval_prompts * eval_seeds]}``: the trainer's held-out evaluation."""
+    """``{component: [eval_prompts * eval_seeds]}`` of the ``eval_reward_components``: the
+    trainer's held-out evaluation."""
     stream = stream_from_config(model, cfg, cfg.rows_per_batch)
     prompts = config_prompt_source(cfg).heldout(cfg.eval_prompts)
     reward = resolve_reward(cfg.reward_model, **reward_options(cfg))
     return evaluate(
         stream, reward, prompts, cfg.eval_seeds, base_seed=cfg.seed, info=info,
         batch=cfg.rows_per_batch, clip_len=cfg.long_reward_normal_clip_len,
+        components=list(cfg.eval_reward_weights), videos_per_call=cfg.reward_videos_per_call,
     )  # fmt: skip
 
 
@@ -65,7 +67,8 @@ def world_scores(cfg: TrainConfig) -> dict[str, list[float]]:
             seqs.append(seq)
     clips = [global_clips(layout, seq, cfg.long_reward_normal_clip_len) for seq in seqs]
     reward = resolve_reward(cfg.reward_model, **reward_options(cfg))
-    values = score_clips(reward, torch.stack(videos), clips)
+    values = score_clips(reward, torch.stack(videos), clips, cfg.reward_videos_per_call)
+    values = select_components(values, list(cfg.eval_reward_weights), "eval_reward_components")
     return {k: v.tolist() for k, v in values.items()}
 
 

@@ -207,6 +207,20 @@ def score(
     return out
 
 
+def select_components(
+    values: Mapping[str, torch.Tensor], names: Sequence[str], what: str = "components"
+) -> dict[str, torch.Tensor]:
+    """``{name: values[name]}`` for ``names``, in their order; ValueError naming the components
+    asked for (``what``: the config key that asked) and those the reward returned."""
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ValueError(
+            f"{what} name {missing}, which the reward model does not return; it returns "
+            f"{sorted(values)}"
+        )
+    return {n: values[n] for n in names}
+
+
 def weighted_sum(
     components: Mapping[str, torch.Tensor], weights: Mapping[str, float]
 ) -> torch.Tensor:

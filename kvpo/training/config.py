@@ -214,7 +214,18 @@ class TrainConfig(TypedViews):
     reward_offload: bool = _f(
         False, "keep the reward model on the CPU between calls, on the device only to score"
     )
+    reward_videos_per_call: int = _f(
+        0,
+        "videos per reward-model call when scoring clips (the KVPO authors' reward_batch_size): "
+        "the G + 1 videos of a group, or the held-out videos, go in calls of at most this many; "
+        "0 = all in one call",
+    )
     reward_components: list[RewardComponent] = _f(TOY_REWARDS, "weighted reward components")
+    eval_reward_components: list[RewardComponent] = _f(
+        [],
+        "components scored by the held-out evaluation, with the weights of its total (names "
+        "the reward model returns); empty = reward_components",
+    )
     train_local: bool = _f(True, "use the local reward (the forked chunk)")
     local_reward_decode: str = _f(
         "chunk",
@@ -335,6 +346,12 @@ class TrainConfig(TypedViews):
     @property
     def reward_weights(self) -> dict[str, float]:
         return {c.name: c.weight for c in self.reward_components}
+
+    @property
+    def eval_reward_weights(self) -> dict[str, float]:
+        """Held-out components and weights: ``eval_reward_components`` or, when empty,
+        :attr:`reward_weights`."""
+        return {c.name: c.weight for c in self.eval_reward_components} or self.reward_weights
 
     @property
     def rows_per_batch(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvpo.rewards.clips import global_clips, score_clips
+from kvpo.rewards.registry import select_components
 from kvpo.streaming import StreamingGenerator, heldout_seed
 from kvpo.training.distributed import DistInfo, gather_objects
 
@@ -39,10 +40,14 @@ def evaluate(
     info: DistInfo,
     batch: int = 16,
     clip_len: int = 0,
+    components: Sequence[str] | None = None,
+    videos_per_call: int = 0,
 ) -> dict[str, list[float]]:
     """Reward components of every ``(prompt, seed)`` pair, in :func:`eval_pairs` order.
 
-    ``batch``: videos generated at once (rows of ``stream``'s cache).
+    ``batch``: videos generated at once (rows of ``stream``'s cache); ``videos_per_call``: videos
+    per reward call (0: the ``batch``); ``components``: the components reported (the run's
+    ``eval_reward_components``; None: every one the reward returns).
     """
     pairs = eval_pairs(len(prompts), num_seeds)
     mine = rank_pairs(pairs, info.rank, info.world_size)
@@ -53,7 +58,10 @@ def evaluate(
         seqs = [prompts[p] for p, _ in chunk]
         seeds = [heldout_seed(base_seed, p, s) for p, s in chunk]
         videos = stream.videos(seqs, seeds)
-        values = score_clips(reward, videos, [global_clips(layout, seq, clip_len) for seq in seqs])
+        clips = [global_clips(layout, seq, clip_len) for seq in seqs]
+        values = score_clips(reward, videos, clips, videos_per_call)
+        if components is not None:
+            values = select_components(values, components, "eval_reward_components")
         for i, pair in enumerate(chunk):
             scores[pair] = {k: float(v[i]) for k, v in values.items()}
     merged: dict = {}

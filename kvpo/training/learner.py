@@ -209,7 +209,9 @@ class Learner:
                 out.append(None)
                 continue
             clip_videos, clips = inputs()
-            scores = score_clips(self.reward, clip_videos, [clips] * (G + 1))
+            scores = score_clips(
+                self.reward, clip_videos, [clips] * (G + 1), cfg.reward_videos_per_call
+            )
             out.append(
                 ({k: v[:G] for k, v in scores.items()}, {k: v[G] for k, v in scores.items()})
             )

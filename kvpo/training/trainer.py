@@ -151,8 +151,8 @@ class KVPOTrainer:
         return self.finish(before, after)
 
     def evaluate(self, tag: str) -> dict[str, list[float]]:
-        """Held-out rewards ``{component: [pairs]}``, saved as ``eval_<tag>.json`` (a resumed
-        run reads the saved file instead of evaluating again)."""
+        """Held-out rewards ``{component: [pairs]}`` of the ``eval_reward_components``, saved
+        as ``eval_<tag>.json`` (a resumed run reads the saved file instead of evaluating again)."""
         cfg, learner = self.cfg, self.learner
         path = self.run_dir / f"eval_{tag}.json"
         if path.is_file():
@@ -163,7 +163,8 @@ class KVPOTrainer:
             scores = evaluate(
                 learner.stream, learner.reward, prompts, cfg.eval_seeds, base_seed=cfg.seed,
                 info=self.info, batch=learner.rows_per_batch,
-                clip_len=cfg.long_reward_normal_clip_len,
+                clip_len=cfg.long_reward_normal_clip_len, components=list(cfg.eval_reward_weights),
+                videos_per_call=cfg.reward_videos_per_call,
             )  # fmt: skip
         if self.main:
             path.write_text(json.dumps(scores))
@@ -243,7 +244,7 @@ class KVPOTrainer:
         if cfg.eval_interval_steps and done % cfg.eval_interval_steps == 0:
             scores = self.evaluate(f"step{done:05d}")
             means = {k: sum(v) / len(v) for k, v in scores.items()}
-            means["total"] = sum(w * means[k] for k, w in cfg.reward_weights.items())
+            means["total"] = sum(w * means[k] for k, w in cfg.eval_reward_weights.items())
             self.logger.log(rollout, {"eval": means})
         if cfg.save_interval_steps and done % cfg.save_interval_steps == 0:
             self.save()
@@ -285,7 +286,7 @@ class KVPOTrainer:
             "skipped": counters.skipped,
         }
         if before is not None and after is not None:
-            stats = paired_summary(before, after, cfg.reward_weights)
+            stats = paired_summary(before, after, cfg.eval_reward_weights)
             summary["heldout"] = [s.to_dict() for s in stats]
             print(format_summary(stats, f"held-out rewards, {cfg.eval_prompts} prompts"))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -87,6 +87,13 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     names = [c.name for c in cfg.reward_components]
     need(bool(names), "reward_components is empty: KVPO needs at least one weighted reward")
     need(len(set(names)) == len(names), f"reward_components names repeat: {names}")
+    evals = [c.name for c in cfg.eval_reward_components]
+    need(len(set(evals)) == len(evals), f"eval_reward_components names repeat: {evals}")
+    need(
+        cfg.reward_videos_per_call >= 0,
+        f"reward_videos_per_call must be >= 0 (0: all videos in one call), got "
+        f"{cfg.reward_videos_per_call}",
+    )
     try:
         cfg.exploration_config()
     except ConfigError as err:

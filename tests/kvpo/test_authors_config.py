@@ -38,7 +38,7 @@ PREFIX = "authors' config: "
 # keys with no effect here, each printed on one line of its own (multinode: one line)
 NO_EFFECT_LONGLIVE = [
     "eval_parallel_online_ema", "eval_parallel_online_ema_mode",
-    "reward_batch_size", "long_reward_enable_transition", "long_reward_normal_weight",
+    "long_reward_enable_transition", "long_reward_normal_weight",
     "long_reward_transition_weight", "long_reward_transition_clip_len", "num_gpus", "gpu_ids",
     "offload_models", "debug_save_first_video_group", "debug_video_group_fps",
     "debug_video_group_subdir", "adapter.verbose", "policy_window_frames",
@@ -52,7 +52,7 @@ MULTINODE = [
     "multinode.master", "multinode.workers",
 ]  # fmt: skip
 # keys whose behaviour is not implemented here but whose value in the files does nothing
-SILENT = ["anchor_grad_steps", "eval_reward_components"]
+SILENT = ["anchor_grad_steps"]
 
 
 def _raw(path):
@@ -113,6 +113,8 @@ def test_longlive_loads_with_their_values(capsys):
     assert cfg.seed == 42
     assert [(c.name, c.weight) for c in cfg.reward_components] == [("video_hpsv3", 1.0)]
     assert cfg.reward_model == "video_hpsv3" and cfg.long_reward_normal_clip_len == 36
+    assert [(c.name, c.weight) for c in cfg.eval_reward_components] == [("video_hpsv3", 1.0)]
+    assert cfg.reward_videos_per_call == 4  # their reward_batch_size: videos per scorer call
     assert cfg.gradient_checkpointing and cfg.output_dir == "logs/longlive" and cfg.run_name == ""
     assert (cfg.adapter.type, cfg.adapter.rank, cfg.adapter.alpha) == ("lora", 256, 256.0)
     assert cfg.adapter.dropout == 0.0 and cfg.lora_ckpt_alpha == 256.0
@@ -120,8 +122,8 @@ def test_longlive_loads_with_their_values(capsys):
     assert cfg.wan_model_path == "wan_models/Wan2.1-T2V-1.3B"
     assert (cfg.prompt_min_segments, cfg.prompt_max_segments, cfg.prompt_order) == (4, 4, "sweep")
     assert capsys.readouterr().err.startswith(
-        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 74 mapped, "
-        "24 no effect here, 2 not implemented here"
+        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 76 mapped, "
+        "23 no effect here, 1 not implemented here"
     )
 
 
@@ -136,7 +138,7 @@ def test_memflow_loads_with_their_values(capsys):
     assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
     assert (cfg.adapter.rank, cfg.adapter.alpha) == (256, 256.0)
     first = capsys.readouterr().err.splitlines()[0]
-    assert "76 mapped, 26 no effect here, 3 not implemented here" in first
+    assert "78 mapped, 25 no effect here, 2 not implemented here" in first
     # the rest as LongLive's file: the two files differ in these keys only
     longlive = load_config(LONGLIVE)
     differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
@@ -182,7 +184,7 @@ def test_every_key_of_both_files_is_in_the_table():
 
 def test_rule_categories():
     counts = authors.rule_counts()
-    assert counts == {MAPPED: 77, NO_EFFECT: 27, NOT_IMPLEMENTED: 3}
+    assert counts == {MAPPED: 79, NO_EFFECT: 26, NOT_IMPLEMENTED: 2}
     for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master",
                 "policy_window_frames", "policy_window_multiple"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
@@ -239,7 +241,10 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
         ("anchor_grad_steps", "back-propagates through the first 1 denoising steps"),
         ("global_sink", "re-encodes the sink with the new prompt"),
         ("long_reward_normal_weight", "makes their global reward 0"),
-        ("eval_reward_components", "here it scores reward_components"),
+        (
+            "eval_reward_components",
+            "which does not return ['videoalign_ta'], so it scores reward_components",
+        ),
         ("model_kwargs.SMA", "top-3 of the sink and bank frames"),
         ("last_step_only", "stops every block at one random denoising step"),
     ):
@@ -417,7 +422,7 @@ def test_check_prints_the_table_and_fails_on_the_missing_paths(capsys):
         "2 rollouts: 3000 rollouts, 3000 AdamW steps in both)",
         "adapter.verbose ", "no effect here", "prompt_min_segments = 4", "prompt_max_segments = 4",
         "wan_model_path = 'wan_models/Wan2.1-T2V-1.3B'",
-        "100 keys in the file: 74 mapped, 24 no effect here, 2 not implemented here",
+        "100 keys in the file: 76 mapped, 23 no effect here, 1 not implemented here",
     ):  # fmt: skip
         assert text in head, text
     assert json.loads("{" + resolved)["sync_every"] == 2
@@ -436,7 +441,7 @@ def test_check_passes_when_the_config_would_run(capsys):
     args = ["--config", str(LONGLIVE), "--check", "generator_ckpt=", "lora_ckpt=", "data_path="]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "100 keys in the file: 74 mapped, 24 no effect here" in captured.out
+    assert "100 keys in the file: 76 mapped, 23 no effect here" in captured.out
     assert "error:" not in captured.err and "invalid configuration" not in captured.err
 
 
@@ -450,15 +455,17 @@ def test_check_lists_every_problem(capsys):
 
 
 def test_subprocess_check_runs(tmp_path):
+    import os
     import subprocess
     import sys
 
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's kvpo, not an installed one
     run = subprocess.run(
         [sys.executable, "-m", "kvpo.train", "--config", str(MEMFLOW), "--check"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr  # their paths are not on this machine
-    assert "105 keys in the file: 76 mapped, 26 no effect here, 3 not implemented here" in (
+    assert "105 keys in the file: 78 mapped, 25 no effect here, 2 not implemented here" in (
         run.stdout
     )
     assert "model_kwargs.bank_size" not in run.stderr  # mapped: nothing printed

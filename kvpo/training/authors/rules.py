@@ -313,14 +313,16 @@ RULES: tuple[Rule, ...] = (
          "true: one advantage per signal from the weighted sum of raw rewards instead of the "
          "weighted sum of per-component advantages",
          "use_raw_weighted_reward_advantage", False, parse=values.boolean),
-    Rule("eval_reward_components", NOT_IMPLEMENTED,
-         "scorers of the held-out evaluation (absent: reward_components)",
-         "not implemented here: held-out evaluation scores reward_components; the same list "
-         "does nothing", parse=values.components),
-    Rule("reward_batch_size", NO_EFFECT, "videos per scorer call (0: all); memory only",
-         "no effect here: results do not depend on it, and this project's reward_batch_size "
-         "counts the scorer's own unit (frames per forward for video_hpsv3), so the scorer's "
-         "default stays"),
+    Rule("eval_reward_components", MAPPED,
+         "scorers of the held-out evaluation and the weights of its totals (absent: "
+         "reward_components)",
+         "eval_reward_components (components of reward_model); one that reward_model does not "
+         "return is not implemented (printed; the evaluation scores reward_components)",
+         parse=values.components),
+    Rule("reward_batch_size", MAPPED, "videos per scorer call (0: all)",
+         "reward_videos_per_call (this project's reward_batch_size is the scorer's own unit, "
+         "frames per forward for video_hpsv3, and keeps the scorer's default)", 0,
+         parse=values.integer),
     Rule("vae_temporal_stride", MAPPED,
          "pixel frames per latent frame when placing clips (latent f -> pixel 4f - 3)",
          "4 is fixed here (the Wan VAE); another value is not implemented (printed)", 4,

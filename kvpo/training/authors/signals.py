@@ -120,6 +120,27 @@ def _sigma_floor(t: Translator) -> None:
     t.row(key, f"tve_step_weight = {weight!r}{floored}, tau = {tau!r} (step sigmas {rounded})")
 
 
+def _eval_components(t: Translator) -> None:
+    """``eval_reward_components``, where the scorer chosen for ``reward_components`` returns
+    them (the evaluation here scores with that one scorer)."""
+    evals = t.value("eval_reward_components")
+    if evals is None:
+        return
+    scorer = t.values.get("reward_model")
+    names = [c["name"] for c in evals]
+    missing = [n for n in names if n not in SCORERS.get(scorer, ())]
+    if missing:
+        t.unsupported(
+            "eval_reward_components",
+            f"not implemented here: reward_model {scorer!r} does not return {missing}",
+            f"their held-out evaluation scores {names}; here it scores with reward_model "
+            f"({scorer!r}), which does not return {missing}, so it scores reward_components",
+        )
+        return
+    t.set("eval_reward_components", evals, "eval_reward_components")
+    t.row("eval_reward_components", f"eval_reward_components = {evals!r}")
+
+
 def translate_rewards(t: Translator) -> None:
     """The reward components and scorer, and the clips of the global reward."""
     comps = t.value("reward_components")
@@ -142,12 +163,10 @@ def translate_rewards(t: Translator) -> None:
                 "register one that does (kvpo.rewards.register_reward) and set reward_model to it",
             )
     t.copy("use_raw_weighted_reward_advantage")
-    evals = t.value("eval_reward_components")
-    t.not_implemented(
-        "eval_reward_components",
-        evals is None or evals == comps,
-        f"their held-out evaluation scores {evals}; here it scores reward_components",
-    )
+    _eval_components(t)
+    videos = max(0, t.value("reward_batch_size"))
+    t.set("reward_videos_per_call", videos, "reward_batch_size")
+    t.row("reward_batch_size", f"reward_videos_per_call = {videos}")
     stride = t.value("vae_temporal_stride")
     if stride == 4:
         t.row("vae_temporal_stride", "4, fixed here (the Wan VAE)")
