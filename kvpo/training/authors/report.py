@@ -154,7 +154,7 @@ def markdown() -> str:
         "",
         "- Their first training step at LR 0 (the warmup here runs one step ahead) and, with",
         "  mechanism_1, the skipped optimizer step.",
-        "- MemFlow's memory bank (`model_kwargs.bank_size`, `record_interval`, `SMA`), `try_kl`,",
+        "- MemFlow's memory bank (`model_kwargs.bank_size`, `record_interval`, `SMA`),",
         "  `use_raw_weighted_reward_advantage`, separate `eval_reward_components`, scoring both",
         "  the online and the EMA weights in one evaluation.",
         "- Keys of their `configs/default_config.yaml` (merged under their files) that the two",
