@@ -10,8 +10,9 @@ Per step (one prompt group per rank):
 3. **rewards**: local (the forked chunk) and global (one clip per segment) for every row;
    **advantages** anchor-relative per component, fused and clipped
    (:mod:`kvpo.method.advantages`);
-4. **replay** of the branches under the unrouted context with the old and the reference
-   (adapters disabled) policy, once per rollout (:mod:`kvpo.method.replay`);
+4. **replay** of the branches under the unrouted context with the old and the reference policy
+   (:mod:`kvpo.training.adapters`), once per rollout (:mod:`kvpo.method.replay`); with
+   ``kl_loss_mode: try_kl`` the reference's replay of the anchor (:mod:`kvpo.method.anchor_kl`);
 5. ``ppo_epochs`` times: the current policy's replay with grad, the objective
    (:func:`kvpo.method.policy.policy_loss`) against the fixed old and reference energies,
    gradients averaged over ranks, grad-norm clip, AdamW, EMA;

@@ -196,3 +196,20 @@ def test_try_kl_in_a_training_step(lora_run, tmp_path):
         s = rec["policy/scale"]
         expected = s * rec["policy/policy_loss"] + s * 10.0 * rec["policy/anchor_mse"]
         assert rec["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_memory_plan_counts_the_initial_copy():
+    """A continuing run keeps a third LoRA copy (the frozen initial ``ref``): at rank 256 on
+    Wan-1.3B in bf16, 349,962,240 x 2 bytes more resident than merging or an old-policy KL."""
+    from kvpo.models.config import WAN_1_3B
+    from kvpo.planning import plan_memory
+    from kvpo.planning.phases import Setup
+    from kvpo.training.config_parse import load_config
+
+    setup = Setup(WAN_1_3B, "bfloat16", "cuda", True, 512, "Wan2.1-T2V-1.3B")
+    resident = {
+        extra: plan_memory(load_config("configs/longlive.yaml", [extra]), setup, 1).resident_bytes
+        for extra in ("lora_init=continue", "lora_init=merge", "kl_reference_initial=false")
+    }
+    assert resident["lora_init=continue"] - resident["lora_init=merge"] == 349_962_240 * 2
+    assert resident["kl_reference_initial=false"] == resident["lora_init=merge"]
