@@ -213,3 +213,33 @@ def test_memory_plan_counts_the_initial_copy():
     }
     assert resident["lora_init=continue"] - resident["lora_init=merge"] == 349_962_240 * 2
     assert resident["kl_reference_initial=false"] == resident["lora_init=merge"]
+
+
+def test_try_kl_micro_batched_and_checkpointed_give_the_same_gradient(lora_run, tmp_path):
+    """With the policy moved off the initial LoRA (so D > 0), row_micro_batch=2 and gradient
+    checkpointing give the same loss and gradient, the anchor penalty included, as all rows at
+    once."""
+    from kvpo.training.phases import PhaseTimer
+
+    weights, path, _ = lora_run
+    grads, records = [], []
+    for micro, ckpt in ((0, "false"), (2, "false"), (0, "true")):
+        cfg = _config(
+            weights, tmp_path, path, "kl_loss_mode=try_kl", "anchor_grad_steps=2",
+            f"row_micro_batch={micro}", f"gradient_checkpointing={ckpt}",
+        )  # fmt: skip
+        torch.manual_seed(5)
+        learner = build_learner(cfg, DistInfo())
+        g = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for p in learner.named_params.values():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        learner.optimizer.zero_grad(set_to_none=True)
+        records.append(learner.group_gradients(1, PhaseTimer()))
+        grads.append({k: p.grad.clone() for k, p in learner.named_params.items()})
+    assert records[0]["policy/anchor_mse"] > 0
+    for other in (1, 2):
+        for key in ("loss", "policy/anchor_mse"):
+            assert records[other][key] == pytest.approx(records[0][key], rel=1e-5), key
+        for name in grads[0]:
+            torch.testing.assert_close(grads[other][name], grads[0][name], rtol=1e-4, atol=1e-9)
