@@ -93,6 +93,8 @@ def _sequential_clone_restore(t: Learner, texts, plan, noise):
     prefix = generate(
         t.model, cache, [row], texts[0], noise.noise[:, :, :fork], sampler=stream.sampler,
         renoise=noise.renoise[:, :, :, :fork], switches=stream.switches(texts, 0, fork),
+        context_noise=stream.context_noise(noise.context[:, :, :fork]),
+        context_sigma=stream.context_sigma,
     ).latents  # fmt: skip
     text_fork = stream.text_at(texts, fork)
     if fork in cfg.switch_frames:
@@ -112,6 +114,8 @@ def _sequential_clone_restore(t: Learner, texts, plan, noise):
             t.model, work, [row], text_fork, noise.noise[:, :, fork:end], sampler=stream.sampler,
             renoise=noise.renoise[:, :, :, fork:end], start_frame=fork,
             switches=stream.switches(texts, fork, end), history=prefix, plans=plans,
+            context_noise=stream.context_noise(noise.context[:, :, fork:end]),
+            context_sigma=stream.context_sigma,
         )  # fmt: skip
         held = max(held, saved.held_bytes + work.held_bytes)
         outs.append(torch.cat([prefix, out.latents], dim=2))

@@ -6,10 +6,11 @@ layout (frames and prompt-switch frames). The group rollout, the replay, held-ou
 ``kvpo sample`` and ``kvpo evaluate`` all generate through it, so they share two rules:
 
 - **noise**: a video's noise comes from one integer seed (:meth:`StreamingGenerator.noise`): one
-  CPU generator draws the initial noise ``[1, C, T, H, W]`` and then the re-noising noise
-  ``[S - 1, 1, C, T, H, W]`` (device independent). Seeds: :func:`group_seed` for a training
-  group, :func:`heldout_seed` for a held-out ``(prompt, seed)`` pair, the user's seed when
-  sampling.
+  CPU generator draws the initial noise ``[1, C, T, H, W]``, then the re-noising noise
+  ``[S - 1, 1, C, T, H, W]`` and then the context passes' noise ``[1, C, T, H, W]`` (device
+  independent; every row of a group shares it, so branches differ only by routing). Seeds:
+  :func:`group_seed` for a training group, :func:`heldout_seed` for a held-out
+  ``(prompt, seed)`` pair, the user's seed when sampling.
 - **page budget**: :meth:`StreamingGenerator.pages_for`: the fork snapshot's resident frames
   plus, per row alive at once, what a lean row can hold (:mod:`kvpo.models.frame_cache`).
 
@@ -41,10 +42,13 @@ from kvpo.video_model import VideoModel
 
 @dataclass
 class VideoNoise:
-    """Noise of B videos: ``noise [B, C, T, H, W]``, ``renoise [S - 1, B, C, T, H, W]``."""
+    """Noise of B videos: ``noise [B, C, T, H, W]``, ``renoise [S - 1, B, C, T, H, W]`` and
+    ``context [B, C, T, H, W]`` (the context passes' noise, used when the context level is
+    not 0: :attr:`StreamingGenerator.context_sigma`)."""
 
     noise: torch.Tensor
     renoise: torch.Tensor
+    context: torch.Tensor
 
     @classmethod
     def draw(cls, seed: int, shape: Sequence[int], steps: int, device, dtype) -> VideoNoise:
@@ -52,18 +56,21 @@ class VideoNoise:
         gen = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(1, *shape, generator=gen)
         renoise = torch.randn(max(steps - 1, 0), 1, *shape, generator=gen)
-        return cls(noise.to(device, dtype), renoise.to(device, dtype))
+        context = torch.randn(1, *shape, generator=gen)
+        return cls(*(x.to(device, dtype) for x in (noise, renoise, context)))
 
     @classmethod
     def stack(cls, parts: Sequence[VideoNoise]) -> VideoNoise:
         """The videos of ``parts`` as one batch."""
         return cls(
-            torch.cat([p.noise for p in parts]), torch.cat([p.renoise for p in parts], dim=1)
+            torch.cat([p.noise for p in parts]),
+            torch.cat([p.renoise for p in parts], dim=1),
+            torch.cat([p.context for p in parts]),
         )
 
-    def frames(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(noise, renoise)`` of frames ``[lo, hi)``."""
-        return self.noise[:, :, lo:hi], self.renoise[:, :, :, lo:hi]
+    def frames(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(noise, renoise, context)`` of frames ``[lo, hi)``."""
+        return self.noise[:, :, lo:hi], self.renoise[:, :, :, lo:hi], self.context[:, :, lo:hi]
 
 
 def group_seed(seed: int, step: int, rank: int) -> int:
@@ -92,6 +99,9 @@ class StreamingGenerator:
         schedule: the few-step schedule; ``rule``: the sampler's update rule (``"x0"``/``"euler"``).
         layout: frames of a video and its prompt-switch frames, in latent frames.
         context_timestep: timestep of the context pass that writes a block's K/V.
+        context_sigma: noise level of the context pass's input ``(1 - sigma) x0 + sigma *
+            noise.context`` (0: the clean ``x0``; the authors': :meth:`FlowSchedule.table_sigma`
+            of the context timestep).
         rows: cache rows alive at once (a micro-batch of rows); sizes the page pool.
         window_frames: frames a replay records from the fork (the policy window); sizes the
             page pool (a grad replay keeps every block's view of them until the backward).
@@ -111,6 +121,7 @@ class StreamingGenerator:
         rule: str,
         layout: VideoLayout,
         context_timestep: float = 0.0,
+        context_sigma: float = 0.0,
         rows: int = 1,
         window_frames: int = 0,
         backend: str | None = None,
@@ -118,33 +129,45 @@ class StreamingGenerator:
         self.model, self.wan = model, model.wan
         self.layout = layout
         self.context_timestep = float(context_timestep)
+        self.context_sigma = float(context_sigma)
         self.sampler = FewStepSampler(schedule, rule=rule)
         self.rows = rows
         self.context_hook = None
         self.cache = FrameCache.create(
             self.wan.config,
             policy,
-            self.pages_for(policy, rows, window_frames),
+            self.pages_for(
+                policy,
+                rows,
+                window_frames,
+                policy.bank_pages(model.wan.config.num_layers, layout.num_frames),
+            ),
             dtype=self.wan.dtype,
             device=self.wan.device,
             backend=backend,
         )
 
     @staticmethod
-    def pages_for(policy: CachePolicy, rows: int, window_frames: int = 0) -> int:
+    def pages_for(
+        policy: CachePolicy, rows: int, window_frames: int = 0, bank_pages: int = 0
+    ) -> int:
         """Pages for the fork snapshot (its resident frames and a block in flight) plus ``rows``
         lean rows alive at once, each holding at most its recorded window's frames (a grad
         replay's pinned views; at least ``local_attn_size``), a recache's re-encoded frames
         and a block in flight. Global attention or a full recache keeps every frame:
-        ``resident_frames + window + 2F`` per row, the snapshot included."""
+        ``resident_frames + window + 2F`` per row, the snapshot included. ``bank_pages``:
+        MemFlow's bank pages one row may hold (:meth:`CachePolicy.bank_pages`), for the
+        snapshot and every row, plus one per recorded block (a grad replay's pinned views keep
+        each block's bank)."""
         F = policy.frames_per_block
+        bank = (bank_pages + (-(-window_frames // F) if bank_pages else 0)) * (rows + 1)
         if policy.resident_frames == -1 or policy.recache_size == -1:
             local, resident = policy.local_attn_size, policy.resident_frames
             window = local if local > 0 else resident
-            return (resident + window + 2 * F) * (rows + 1)
+            return (resident + window + 2 * F) * (rows + 1) + bank
         recache = policy.local_attn_size if policy.recache_size is None else policy.recache_size
         per_row = max(window_frames, policy.local_attn_size) + recache + F
-        return policy.resident_frames + F + rows * per_row
+        return policy.resident_frames + F + rows * per_row + bank
 
     @property
     def schedule(self) -> FlowSchedule:
@@ -210,7 +233,7 @@ class StreamingGenerator:
         ``switch_at_start``: its recache runs first). ``noise`` covers the whole video;
         ``history``, ``plans``, ``record``: see :func:`kvpo.models.generate`; ``inject``
         ``{step: [B | 1, C, end - start, H, W]}``: perturbations of the noisy latents."""
-        x, xi = noise.frames(start, end)
+        x, xi, eps = noise.frames(start, end)
         return generate(
             self.wan,
             self.cache,
@@ -225,9 +248,16 @@ class StreamingGenerator:
             plans=plans,
             record=record,
             context_timestep=self.context_timestep,
+            context_noise=self.context_noise(eps),
+            context_sigma=self.context_sigma,
             inject=inject,
             context_hook=self.context_hook,
         )
+
+    def context_noise(self, eps: torch.Tensor) -> torch.Tensor | None:
+        """The context passes' noise to use: ``eps`` (from :class:`VideoNoise`), or None when
+        the context level is 0 (clean input)."""
+        return eps if self.context_sigma else None
 
     def recache(self, rows: Sequence[int], past: torch.Tensor, text: TextContext, frame: int):
         """Prompt-switch recache at ``frame`` from the clean latents ``past [B | 1, C, frame,
@@ -253,13 +283,15 @@ class StreamingGenerator:
 def stream_from_config(model: VideoModel, cfg, rows: int) -> StreamingGenerator:
     """The :class:`StreamingGenerator` of a :class:`~kvpo.training.config.TrainConfig` with
     ``rows`` cache rows alive at once."""
+    schedule = cfg.schedule()
     return StreamingGenerator(
         model,
         cfg.cache_policy(),
-        cfg.schedule(),
+        schedule,
         rule=cfg.sampler_rule,
         layout=cfg.latent_layout(),
         context_timestep=float(cfg.context_noise),
+        context_sigma=schedule.table_sigma(cfg.context_noise) if cfg.context_add_noise else 0.0,
         rows=rows,
         window_frames=cfg.policy_frames(),
         backend=None if cfg.kernel_backend == "auto" else cfg.kernel_backend,

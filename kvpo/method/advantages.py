@@ -6,7 +6,10 @@ Per reward component ``k`` (rewards ``r: [G]`` of the branches, ``a`` of the unr
     grpo mode:           A_k = (r - mean(r)) / (std(r) + 1e-8)           (anchor unused)
 
 The component advantages are weighted and summed into one advantage per signal (``local``:
-the forked chunk, ``global``: the per-segment clips of the whole video). Fusion divides each
+the forked chunk, ``global``: the per-segment clips of the whole video); with ``raw_weighted``
+(the authors' ``use_raw_weighted_reward_advantage``) the signal's advantage is instead the
+formula above applied once to the weighted raw rewards ``sum_k w_k r_k`` (anchor:
+``sum_k w_k a_k``); the per-component advantages are still reported. Fusion divides each
 signal's advantage by its population std over the group (no centring, so anchor-relative signs
 survive; left as is when that std is <= 1e-8) and combines ``w_local * local + w_global *
 global`` (1 and 0.5 by default), then clips to ``[-adv_clip_max, adv_clip_max]`` (2.5).
@@ -43,8 +46,10 @@ def signal_advantage(
     anchor: dict[str, torch.Tensor],
     weights: dict[str, float],
     mode: str = "anchor",
+    raw_weighted: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum over components of their advantages: ``(total [G], {name: [G]})``.
+    """Weighted sum over components of their advantages: ``(total [G], {name: [G]})``; with
+    ``raw_weighted``, ``total`` is the advantage of the weighted raw rewards.
 
     ``rewards[name]: [G]``, ``anchor[name]``: scalar (unused in ``grpo`` mode), ``weights[name]``.
     """
@@ -53,15 +58,19 @@ def signal_advantage(
     missing = sorted(set(weights) - set(rewards))
     if missing:
         raise KeyError(f"rewards lack components {missing}; got {sorted(rewards)}")
+
+    def advantage(r: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+        return anchor_advantage(r, a) if mode == "anchor" else group_mean_advantage(r)
+
     per_component = {}
     total = None
     for name, weight in weights.items():
-        if mode == "anchor":
-            adv = anchor_advantage(rewards[name], anchor[name])
-        else:
-            adv = group_mean_advantage(rewards[name])
+        adv = advantage(rewards[name], anchor[name] if mode == "anchor" else None)
         per_component[name] = adv
         total = adv * weight if total is None else total + adv * weight
+    if raw_weighted:
+        raw_anchor = weighted_total(anchor, weights) if mode == "anchor" else None
+        total = advantage(weighted_total(rewards, weights), raw_anchor)
     return total, per_component
 
 
@@ -100,7 +109,8 @@ class AdvantageConfig:
 
     ``mode``: ``"anchor"`` (reward minus the anchor's) or ``"grpo"`` (minus the group mean);
     ``fusion_mode``: scaling of each signal before fusion (:func:`normalize_for_fusion`);
-    ``clip``: bound of the fused advantage (``<= 0``: no clip).
+    ``clip``: bound of the fused advantage (``<= 0``: no clip); ``raw_weighted``: each signal's
+    advantage from its weighted raw rewards (:func:`signal_advantage`).
     """
 
     mode: str = "anchor"
@@ -108,6 +118,7 @@ class AdvantageConfig:
     local_weight: float = 1.0
     global_weight: float = 0.5
     clip: float = 2.5
+    raw_weighted: bool = False
 
 
 def group_advantages(
@@ -133,7 +144,9 @@ def group_advantages(
         if signal is None:
             signals[name] = None
             continue
-        total, per_component = signal_advantage(signal[0], signal[1], weights, mode)
+        total, per_component = signal_advantage(
+            signal[0], signal[1], weights, mode, config.raw_weighted
+        )
         signals[name] = total
         components.update({f"{name}/{k}": v for k, v in per_component.items()})
         term = normalize_for_fusion(total, fusion_mode) * weight

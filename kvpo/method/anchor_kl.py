@@ -15,10 +15,11 @@ into its cache by a context pass without gradient.
 
 Noise: the anchor's rollout noise (initial noise and re-noising ``xi_s`` of its frames), so that
 the old policy's replay repeats the anchor exactly; the authors draw fresh Gaussian re-noising
-and context noise from the global RNG (restored afterwards). The context pass is this project's
-(:func:`kvpo.method.replay.replay_energies`'s). The reference's predictions are fixed for a
-rollout (the initial copy, or the old policy which is only re-synced after it), so they are
-computed once, in :meth:`AnchorKL.reference`; the current policy's every epoch.
+and context noise from the global RNG (restored afterwards). The context pass is the replays'
+(:func:`kvpo.method.replay.replay_energies`: the group's context noise, MemFlow's bank). The
+reference's predictions are fixed for a rollout (the initial copy, or the old policy which is
+only re-synced after it), so they are computed once, in :meth:`AnchorKL.reference`; the current
+policy's every epoch.
 """
 
 from __future__ import annotations
@@ -32,29 +33,29 @@ from kvpo.method.policy import reward_scale
 from kvpo.method.rollout import GroupRollout
 from kvpo.models import TextContext
 from kvpo.models.lora import adapter_scope
+from kvpo.models.sampler import context_input
 from kvpo.streaming import StreamingGenerator, VideoNoise, group_seed
 
 
 @dataclass
 class AnchorReference:
-    """The anchor's replayed blocks: ``noise [1, C, n F, H, W]``, ``renoise [S - 1, 1, C, n F,
-    H, W]`` and the reference's x0 predictions ``x0``: ``n S`` tensors ``[1, C, F, H, W]``
-    (``k = block * S + step``), detached."""
+    """The anchor's replayed blocks: their ``noise`` (:func:`anchor_noise`) and the reference's
+    x0 predictions ``x0``: ``n S`` tensors ``[1, C, F, H, W]`` (``k = block * S + step``),
+    detached."""
 
-    noise: torch.Tensor
-    renoise: torch.Tensor
+    noise: VideoNoise
     x0: list[torch.Tensor]
 
 
 def anchor_noise(rollout: GroupRollout, noise: VideoNoise, F: int, blocks: int) -> VideoNoise:
-    """The anchor's noise over its first ``blocks`` blocks after the fork."""
+    """The anchor's noise over its first ``blocks`` blocks after the fork (``noise [1, C, n F,
+    H, W]``, ``renoise [S - 1, 1, C, n F, H, W]``)."""
     if not 1 <= blocks <= len(rollout.policy_starts):
         raise ValueError(
             f"try_kl replays 1..{len(rollout.policy_starts)} blocks (the policy window), "
             f"got {blocks}"
         )
-    x, xi = noise.frames(rollout.fork, rollout.fork + blocks * F)
-    return VideoNoise(x, xi)
+    return VideoNoise(*noise.frames(rollout.fork, rollout.fork + blocks * F))
 
 
 def anchor_predictions(
@@ -96,19 +97,24 @@ def anchor_predictions(
                 x = _next_input(sampler.rule, x, x0, v, sigmas[s], sigmas[s + 1],
                                 noise.renoise[s, :, :, b * F : (b + 1) * F])  # fmt: skip
 
+    ctx_noise = rollout.context_noise  # the group's context-pass noise, as in the replays
     try:
         for b, start in enumerate(starts):
             text = stream.text_at(texts, start)
             if b > 0 and start in stream.layout.switches:
                 stream.recache([row], torch.cat([rollout.prefix, *replayed], dim=2), text, start)
+            cache.bank_refresh([row], text)  # MemFlow's bank (pinned with the view)
             if grad:
                 pins.append(cache.snapshot(row))
             with torch.no_grad():
                 denoise(b, cache.view([row], start, F), S)
                 if b + 1 < blocks:
                     x0 = preds[b, S - 1]
+                    eps = ctx_noise if ctx_noise is None else ctx_noise[:, :, start : start + F]
                     write = cache.view([row], start, F, write=True)
-                    model.write_context(x0, text, start, write, timestep=stream.context_timestep)
+                    x_ctx = context_input(x0, eps, stream.context_sigma)
+                    model.write_context(x_ctx, text, start, write, timestep=stream.context_timestep)
+                    cache.bank_record([row], start)
                     replayed.append(x0)
         for b, pinned in enumerate(pins):
             denoise(b, cache.view([pinned], starts[b], F), grad_steps)
@@ -171,15 +177,14 @@ class AnchorKL:
         with torch.no_grad(), adapter_scope(self.stream.wan, self.reference_adapter):
             texts = self.stream.segment_texts(prompts)
             x0 = anchor_predictions(self.stream, rollout, texts, own, grad_steps=0)
-        return AnchorReference(own.noise, own.renoise, x0)
+        return AnchorReference(own, x0)
 
     def penalty(self, rollout: GroupRollout, prompts, ref: AnchorReference, beats_anchor):
         """``(s * kl_coef * D, D)``: the penalty with the current policy's graph, and ``D``."""
         with adapter_scope(self.stream.wan, "default"):
             texts = self.stream.segment_texts(prompts)
             current = anchor_predictions(
-                self.stream, rollout, texts, VideoNoise(ref.noise, ref.renoise),
-                grad_steps=self.grad_steps,
+                self.stream, rollout, texts, ref.noise, grad_steps=self.grad_steps,
             )  # fmt: skip
         mse = anchor_mse(current, ref.x0)
         return reward_scale(beats_anchor, self.gated_scale) * self.kl_coef * mse, mse.detach()

@@ -10,8 +10,10 @@ since the last sync), the reference (initial) model's ``E_ref`` and advantages `
 
 with the exact discrete KL over the ``G`` branches and the reward-gated scale ``s`` (1 when some
 branch beats the anchor on a raw reward, see :func:`kvpo.method.advantages.any_branch_beats_anchor`,
-else 0.5). Tensors may carry leading dims ``[..., G]`` (several groups): per-group terms are
-averaged over them. Plain PyTorch: at ``G = 8`` nothing here is worth a kernel.
+else ``gated_scale``: 0.5, or 0 with ``protect_mode="skip"``). Whether the update is taken at all
+is decided by :mod:`kvpo.method.gates`. Tensors may carry leading dims ``[..., G]`` (several
+groups): per-group terms are averaged over them. Plain PyTorch: at ``G = 8`` nothing here is worth
+a kernel.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class PolicyConfig:
     log_ratio_clamp: float = 20.0  # |log rho| bound before exp
     kl_coef: float = 10.0  # weight of KL(pi_theta || pi_ref)
     gated_scale: float = 0.5  # s when no branch beats the anchor
+    protect_mode: str = "gate"  # "skip": also skip the update when no rank beats the anchor
+    min_update_entropy_ratio: float = 0.0  # "gate": skip when entropy > (1 - ratio) ln G
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Each branch ``g`` is replayed from the fork snapshot with the *default* sink + window view (no
 routing): the policy being scored predicts ``v_theta(z[g, b, s], t_s)`` at the recorded inputs;
 between blocks the replay cache advances by a no-grad context pass on the replayed prediction
-``x0 = z[g, b, S-1] - sigma_{S-1} v_theta`` (prompt switches inside the replayed blocks are
-re-encoded from the replayed frames). The energy
+``x0 = z[g, b, S-1] - sigma_{S-1} v_theta``, noised as the rollout's context passes were (the
+group's context noise, :func:`kvpo.models.sampler.context_input`; prompt switches inside the
+replayed blocks are re-encoded from the replayed frames). The energy
 
     E(g) = sum_{b, s} w_s * mean((v_theta(z[g, b, s]) - u[g, b, s])^2)
 
@@ -21,18 +22,25 @@ import torch
 
 from kvpo.method.rollout import GroupRollout
 from kvpo.models import FlowSchedule, TextContext
+from kvpo.models.sampler import context_input
 from kvpo.streaming import StreamingGenerator
 from kvpo_kernels import tve_energy
 
 
-def step_weights(schedule: FlowSchedule, kind: str) -> torch.Tensor:
-    """``w_s``: ``sigma_s^2`` (``"sigma2"``: the x0-MSE form of the reference code) or 1."""
+def step_weights(schedule: FlowSchedule, kind: str, floor: float = 0.0) -> torch.Tensor:
+    """``w_s [S]``: ``sigma_s^2`` (``"sigma2"``: the x0-MSE form of the reference code), 1
+    (``"uniform"``) or ``sigma_s^2 / max(sigma_s, floor)^2`` (``"floored"``: their
+    ``log_prob_sigma_floor``, with ``tau = 2``)."""
     sigmas = schedule.sigmas().float()
     if kind == "sigma2":
         return sigmas**2
     if kind == "uniform":
         return torch.ones_like(sigmas)
-    raise ValueError(f"tve_step_weight must be 'sigma2' or 'uniform', got {kind!r}")
+    if kind == "floored":
+        if not floor > 0:
+            raise ValueError(f"tve_step_weight 'floored' needs a floor > 0, got {floor}")
+        return sigmas**2 / sigmas.clamp(min=floor) ** 2
+    raise ValueError(f"tve_step_weight must be 'sigma2', 'uniform' or 'floored', got {kind!r}")
 
 
 def replay_energies(
@@ -62,6 +70,7 @@ def replay_energies(
     index = torch.tensor(branches, device=rollout.z.device)
     z_all, u_all = rollout.z.index_select(0, index), rollout.u.index_select(0, index)
     prefix = rollout.prefix.expand(len(branches), *rollout.prefix.shape[1:])
+    ctx_noise = rollout.context_noise  # the group's context-pass noise, as in the rollout
     starts = rollout.policy_starts
     replayed: list[torch.Tensor] = []
     preds: dict[tuple[int, int], torch.Tensor] = {}
@@ -76,6 +85,7 @@ def replay_energies(
             text = stream.text_at(texts, start)
             if b > 0 and start in switches:
                 stream.recache(rows, torch.cat([prefix, *replayed], dim=2), text, start)
+            cache.bank_refresh(rows, text)  # MemFlow's bank (pinned with the view)
             if grad:
                 pins.append([cache.snapshot(r) for r in rows])
             view = cache.view(rows, start, F)
@@ -85,9 +95,12 @@ def replay_energies(
                 last = preds[b, S - 1] if (b, S - 1) in preds else predict(b, S - 1, view)
             if b + 1 < len(starts):
                 x0 = z_all[:, b * S + S - 1] - sigmas[S - 1] * last
+                eps = ctx_noise if ctx_noise is None else ctx_noise[:, :, start : start + F]
                 with torch.no_grad():
                     write = cache.view(rows, start, F, write=True)
-                    model.write_context(x0, text, start, write, timestep=stream.context_timestep)
+                    x_ctx = context_input(x0, eps, stream.context_sigma)
+                    model.write_context(x_ctx, text, start, write, timestep=stream.context_timestep)
+                cache.bank_record(rows, start)
                 replayed.append(x0)
         for b, pinned in enumerate(pins):
             view = cache.view(pinned, starts[b], F)

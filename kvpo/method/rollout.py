@@ -14,8 +14,9 @@ With the old policy's weights and no gradient:
    routing: inside the routed window ``[fork, fork + P * F)`` branch ``g`` attends to
    ``plan.context_frames(g, block)`` (denoising steps and context pass alike); the anchor, and
    every row after the window, attends to the default sink + window view. The blocks of the
-   policy window (the routed window unless configured longer) are recorded: ``z[g, b, s]`` and
-   the old policy's velocity ``u[g, b, s]`` (= ``(z - x0_hat) / sigma_s``).
+   policy window (``policy_frames`` from the fork: by default every block of the fork chunk from
+   the fork on, :func:`kvpo.method.routing.energy_frames`) are recorded: ``z[g, b, s]`` and the
+   old policy's velocity ``u[g, b, s]`` (= ``(z - x0_hat) / sigma_s``).
 4. After the window the rows continue unrouted to ``end_frame`` with the remaining switches.
 
 Rows run in micro-batches of ``row_batch`` (all at once by default); each micro-batch runs from
@@ -47,7 +48,9 @@ class GroupRollout:
     ``z, u [G, K, C, F, H, W]``: recorded inputs and old-policy velocities of the policy blocks,
     ``k = block * S + step``. ``snapshot``: the cache row holding frames ``< fork`` (free it
     after the replay). ``kv_bytes``: the most K/V bytes held during each phase (``prefix``,
-    ``window``, ``continuation``; the store's exact page count).
+    ``window``, ``continuation``; the store's exact page count). ``context_noise
+    [1, C, T, H, W]``: the context passes' noise the group used (None: clean input), which the
+    replays use too.
     """
 
     plan: RoutingPlan
@@ -57,6 +60,7 @@ class GroupRollout:
     u: torch.Tensor
     snapshot: int
     kv_bytes: dict[str, int] = field(default_factory=dict)
+    context_noise: torch.Tensor | None = None
 
     @property
     def fork(self) -> int:
@@ -146,7 +150,9 @@ def rollout_group(
         rows_noise, inject = noise, {}
         if perturb is not None:
             if perturb.initial is not None:
-                rows_noise = VideoNoise(perturb.row_noise(noise.noise, idx), noise.renoise)
+                rows_noise = VideoNoise(
+                    perturb.row_noise(noise.noise, idx), noise.renoise, noise.context
+                )
             inject = {"window": perturb.row_inject(idx, fork, record_end)}
             inject["rest"] = perturb.row_inject(idx, record_end, end_frame)
         window = stream.generate(
@@ -178,4 +184,5 @@ def rollout_group(
         u=u,
         snapshot=snapshot,
         kv_bytes=kv_bytes,
+        context_noise=stream.context_noise(noise.context),
     )

@@ -25,6 +25,11 @@ at least ``n_random`` frames. The start is drawn uniformly among eligible blocks
 pool, offset by ``max(1, pool // G)`` per branch) or ``"independent"`` (one permutation per
 branch). Every draw comes from a generator seeded by ``(seed, step, rank)``; the plan is a plain
 record (:meth:`RoutingPlan.to_dict`) stored with the rollout for replay.
+
+Energy blocks (:func:`energy_frames`): the blocks whose replayed TVE forms a branch's energy start
+at the fork. ``"chunk"`` (the authors' runs): every block of the fork chunk from the fork on, the
+routed blocks and the unrouted ones after them (at LongLive's layout: 6 blocks for a fork at the
+chunk's first block, 5 otherwise); ``"routed"``: the P routed blocks only.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 
 ROUTING_MODES = ("dispersed", "independent")
+ENERGY_BLOCKS = ("chunk", "routed")
 
 
 class RoutingError(ValueError):
@@ -174,6 +180,8 @@ class RoutingPlan:
 
     Redrawn identically by :func:`plan_routing` from ``(seed, step, rank)`` and the geometry.
     ``routed[g]``: sorted absolute frame indices ``R_g`` (length ``n_random``) of branch ``g``.
+    ``rule``: ``"longlive"`` (contexts start with the sink) or ``"memflow"`` (no separate sink:
+    :mod:`kvpo.method.routing_memflow`).
     """
 
     seed: int
@@ -187,6 +195,7 @@ class RoutingPlan:
     pool_end: int
     num_eligible: int
     routed: list[list[int]] = field(default_factory=list)
+    rule: str = "longlive"
 
     @property
     def end_frame(self) -> int:
@@ -204,8 +213,9 @@ class RoutingPlan:
     def context_frames(self, branch: int, block_start: int) -> list[int]:
         """Cached frames branch ``branch`` attends to while generating ``block_start``.
 
-        ``sink ++ R_g ++ nearest cached frames``, in attention order; the current block's own
-        frames are attended as new tokens and are not listed.
+        ``sink ++ R_g ++ nearest cached frames`` (rule ``"memflow"``: ``R_g ++ nearest``), in
+        attention order; the current block's own frames are attended as new tokens and are not
+        listed.
         """
         if not self.in_window(block_start):
             raise RoutingError(
@@ -214,10 +224,9 @@ class RoutingPlan:
             )
         g = self.geometry
         nearest_start = block_start + g.num_frame_per_block - g.m_nearest_frames
+        sink = 0 if self.rule == "memflow" else g.sink_size
         return (
-            list(range(g.sink_size))
-            + list(self.routed[branch])
-            + list(range(nearest_start, block_start))
+            list(range(sink)) + list(self.routed[branch]) + list(range(nearest_start, block_start))
         )
 
     def distinct_sets(self) -> int:
@@ -312,3 +321,43 @@ def plan_routing(
         num_eligible=len(eligible),
         routed=routed,
     )
+
+
+def energy_frames(plan: RoutingPlan, chunks: list[Chunk], rule: str = "chunk") -> int:
+    """Frames from the fork whose blocks form the energy (see the module docstring).
+
+    ``"chunk"``: ``chunks[plan.chunk_index].end_frame - plan.start_frame``; ``"routed"``:
+    ``P * num_frame_per_block``. Raises :class:`RoutingError` for another rule or a plan whose
+    chunk is not in ``chunks``.
+    """
+    if _is_routed(rule):
+        return plan.geometry.window_frames
+    if not 0 <= plan.chunk_index < len(chunks):
+        raise RoutingError(f"plan's chunk {plan.chunk_index} is not among the {len(chunks)} chunks")
+    chunk = chunks[plan.chunk_index]
+    if not (chunk.start_frame <= plan.start_frame and plan.end_frame <= chunk.end_frame):
+        raise RoutingError(
+            f"plan's window [{plan.start_frame}, {plan.end_frame}) is not inside chunk "
+            f"{chunk.index} [{chunk.start_frame}, {chunk.end_frame})"
+        )
+    return chunk.end_frame - plan.start_frame
+
+
+def max_energy_frames(
+    geometry: RoutingGeometry, chunks: list[Chunk], within_first_x_chunks: int, rule: str = "chunk"
+) -> int:
+    """The most frames :func:`energy_frames` gives over every eligible start (sizes the cache);
+    the routed window when no start is eligible."""
+    if _is_routed(rule):
+        return geometry.window_frames
+    ends = [
+        chunks[b.chunk_index].end_frame - b.start_frame
+        for b in eligible_start_blocks(geometry, chunks, within_first_x_chunks)
+    ]
+    return max(ends, default=geometry.window_frames)
+
+
+def _is_routed(rule: str) -> bool:
+    if rule not in ENERGY_BLOCKS:
+        raise RoutingError(f"energy_blocks must be one of {ENERGY_BLOCKS}, got {rule!r}")
+    return rule == "routed"

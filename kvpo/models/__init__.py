@@ -22,6 +22,7 @@ S denoising steps; the model's dtype is that of its weights)::
                      switches={frame: text}, plans=lambda block_start: per-row plans | None,
                      record=True, row_batch=None)               # gen.latents, gen.trajectories
     recache(model, cache, rows, clean_latents, new_text, switch_frame)   # prompt switch
+                                         # (kvpo.models.prompt_switch: the authors' recache)
 
 - ``view=None`` in ``model(...)``: the block attends only to itself (one-block forward, equal to
   diffusers' ``WanTransformer3DModel`` on a single block).
@@ -39,13 +40,13 @@ from kvpo.models.cache_policy import CachePolicy
 from kvpo.models.causal_wan import BlockContext, CausalWan, TextContext
 from kvpo.models.config import WAN_1_3B, WanConfig, tiny_config
 from kvpo.models.frame_cache import FrameCache, PagedContext
+from kvpo.models.prompt_switch import recache
 from kvpo.models.sampler import (
     FewStepSampler,
     FlowSchedule,
     Generation,
     Trajectory,
     generate,
-    recache,
 )
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Sizes of a frame cache, in latent frames: sink, attention window, residency, recache."""
+"""Sizes of a frame cache, in latent frames: sink, attention window, residency, recache, bank."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ class CachePolicy:
     ``recache_size``: frames re-encoded at a prompt switch: None = ``local_attn_size`` (LongLive;
     every frame with global attention), -1 = every frame before the switch, else that many (the
     KVPO code's ``recache_full_kv_cache_after_switch`` uses ``resident_frames``).
+
+    ``bank_size``: frames of MemFlow's memory bank per layer (0: no bank, LongLive);
+    ``record_interval``: a block starting at a multiple of ``frames_per_block * record_interval``
+    frames records its first frame into the bank (:mod:`kvpo.models.memory_bank`).
     """
 
     sink_size: int = 3
@@ -19,6 +23,8 @@ class CachePolicy:
     resident_frames: int = 33
     frames_per_block: int = 3
     recache_size: int | None = None
+    bank_size: int = 0
+    record_interval: int = 3
 
     def __post_init__(self) -> None:
         if self.frames_per_block < 1 or self.sink_size < 0:
@@ -33,6 +39,11 @@ class CachePolicy:
             )
         if self.recache_size is not None and self.recache_size < 1 and self.recache_size != -1:
             raise ValueError(f"recache_size must be None, -1 or >= 1, got {self.recache_size}")
+        if self.bank_size < 0 or self.record_interval < 1:
+            raise ValueError(
+                f"need bank_size >= 0 (0: no memory bank) and record_interval >= 1, got "
+                f"bank_size={self.bank_size}, record_interval={self.record_interval}"
+            )
         if self.resident_frames != -1:
             need = max(self.local_attn_size, self.sink_size + self.frames_per_block)
             if self.local_attn_size == -1 or self.resident_frames < need:
@@ -49,6 +60,21 @@ class CachePolicy:
             return self.sink_size
         capacity = self.resident_frames - self.sink_size
         return max(self.sink_size, start_frame + num_frames - capacity)
+
+    def records(self, start_frame: int) -> bool:
+        """Whether the block starting at ``start_frame`` records its first frame into the bank."""
+        step = self.frames_per_block * self.record_interval
+        return self.bank_size > 0 and start_frame % step == 0
+
+    def bank_pages(self, num_layers: int, num_frames: int) -> int:
+        """Most distinct bank pages one row holds in a video of ``num_frames`` frames: every
+        record, at most ``num_layers * (bank_size - 1) + 1`` (each layer keeps its own frames),
+        plus the pending one; 0 without a bank."""
+        if self.bank_size == 0:
+            return 0
+        step = self.frames_per_block * self.record_interval
+        records = -(-num_frames // step)
+        return min(records, num_layers * max(self.bank_size - 1, 0) + 1) + 1
 
     def window(self, start_frame: int, num_frames: int) -> list[int]:
         """Cached frames a block attends to by default (sink ++ newest), for local attention."""

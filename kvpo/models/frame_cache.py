@@ -27,7 +27,13 @@ default window after it) keep less: at each view they release every non-sink fra
 the block that neither the view reads nor a later default view can read (older than
 ``s - (local_attn_size - sink_size - F)``). A lean row thus holds the sink, its routed frames
 and at most ``local_attn_size`` newest frames. :meth:`FrameCache.retain` trims a row to a
-given frame set.
+given frame set. Frames a row protects (:meth:`FrameCache.protect`, its routed frames) are kept
+through residency eviction too until the protection ends.
+
+MemFlow's memory bank (``policy.bank_size > 0``, :mod:`kvpo.models.memory_bank`): each row
+holds, per layer, page references to its bank frames; every view inserts the layer's bank pages
+after the plan's leading sink frames (so each layer attends through its own page table), forks
+share them, :meth:`FrameCache.bank_refresh` and :meth:`FrameCache.bank_record` update them.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvpo.models.bank_cache import BankedRows
 from kvpo.models.cache_policy import CachePolicy
 from kvpo.models.config import WanConfig
+from kvpo.models.memory_bank import BankState
 
 if TYPE_CHECKING:
     from kvpo_kernels.paged import Reservation
@@ -58,6 +66,7 @@ class _Row:
     lean: bool = False
     protected: frozenset[int] = frozenset()  # frames a lean row keeps for views before ...
     protect_until: int = 0  # ... this frame (its routed frames, through a recache)
+    bank: BankState | None = None  # MemFlow's memory bank (policy.bank_size > 0)
 
 
 @dataclass
@@ -69,7 +78,12 @@ class PagedContext:
     ``reservations``: ``(reservation, token_lo, token_hi)``: the block's tokens
     ``[token_lo, token_hi)`` are written through ``reservation`` (a
     :class:`~kvpo_kernels.paged.Reservation` of ``B`` rows and ``token_hi - token_lo`` tokens);
-    empty: read-only, e.g. denoising steps and replay.
+    empty: read-only, e.g. denoising steps and replay. ``block_keys``: ``[L_k]`` long, the
+    block's tokens its queries attend after the cached context (None: all of them; the
+    prompt-switch recache attends to only the window's part of what it re-encodes).
+    ``layer_tables``: per layer ``(page_table, ctx_lens)`` when layers attend to different
+    pages (MemFlow's bank; then ``page_table``/``ctx_lens`` are layer 0's), None: every layer
+    uses ``page_table``.
     """
 
     store: object
@@ -77,6 +91,8 @@ class PagedContext:
     ctx_lens: torch.Tensor
     reservations: list[tuple[Reservation, int, int]] = field(default_factory=list)
     backend: str | None = None
+    block_keys: torch.Tensor | None = None
+    layer_tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def writes(self) -> bool:
@@ -93,13 +109,20 @@ class PagedContext:
             k_part = k[:, lo:hi].detach().contiguous()
             v_part = v[:, lo:hi].detach().contiguous()
             self.store.write(layer, reservation, k_part, v_part)
+        table, lens = self.table(layer)
         pages = self.store.kv_pages(layer)
-        return routed_attention(
-            q, k, v, pages, self.page_table, self.ctx_lens, backend=self.backend
-        )
+        if self.block_keys is not None:
+            k, v = k.index_select(1, self.block_keys), v.index_select(1, self.block_keys)
+        return routed_attention(q, k, v, pages, table, lens, backend=self.backend)
+
+    def table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(page_table [B, N], ctx_lens [B])`` layer ``layer`` attends through."""
+        if self.layer_tables is not None:
+            return self.layer_tables[layer]
+        return self.page_table, self.ctx_lens
 
 
-class FrameCache:
+class FrameCache(BankedRows):
     """Rows of frames over a ``PagedKVStore`` whose ``page_size`` is the tokens per frame.
 
     Args:
@@ -140,7 +163,7 @@ class FrameCache:
     # ------------------------------------------------------------------ rows
     def new_rows(self, n: int, *, lean: bool = False) -> list[int]:
         """``n`` empty rows (``lean``: see the module docstring)."""
-        return [self._add(_Row(lean=lean)) for _ in range(n)]
+        return [self._add(_Row(lean=lean, bank=self._new_bank())) for _ in range(n)]
 
     def fork(self, row: int, n: int, *, lean: bool | None = None) -> list[int]:
         """``n`` rows sharing every frame of ``row`` (page refcounts; no K/V copied); ``lean``
@@ -151,6 +174,10 @@ class FrameCache:
         for seg in src.segments:
             for kid, seq in zip(kids, self.store.fork(seg.seq, n)):
                 kid.segments.append(_Segment(seq, seg.first_frame, seg.sink))
+        if src.bank is not None:
+            self.store.allocator.share(sorted(src.bank.pages()), holders=n)
+            for kid in kids:
+                kid.bank = src.bank.copy()
         return [self._add(kid) for kid in kids]
 
     def snapshot(self, row: int) -> int:
@@ -193,6 +220,10 @@ class FrameCache:
         held = self._frame_pages(self._get(row))
         return max(held) + 1 if held else 0
 
+    def bank(self, row: int) -> BankState | None:
+        """``row``'s memory bank (None without one): read it, do not change it."""
+        return self._get(row).bank
+
     @property
     def held_bytes(self) -> int:
         """Bytes of K/V in pages held by any row (all layers)."""
@@ -226,10 +257,14 @@ class FrameCache:
         keep_from = self.policy.resident_start(start_frame, num_frames)
         sink = self.policy.sink_size
         written = range(start_frame, start_frame + num_frames) if write else range(0)
-        tables = []
+        tables, cuts = [], []
         for i, row in enumerate(rows):
             state = self._get(row)
-            self._trim(state, lambda f, k=keep_from: f not in written and (f < sink or f >= k))
+            guard = state.protected if start_frame < state.protect_until else frozenset()
+            self._trim(
+                state,
+                lambda f, k=keep_from, g=guard: f not in written and (f < sink or f >= k or f in g),
+            )
             held = self._frame_pages(state)
             if plans is not None:
                 plan = [int(f) for f in plans[i]]
@@ -249,9 +284,12 @@ class FrameCache:
             if len(set(plan)) != len(plan):
                 raise ValueError(f"plan of row {row} names a frame more than once: {plan}")
             tables.append([held[f] for f in plan])
-        lens = [len(pages) * self.store.page_size for pages in tables]  # frames are full pages
-        table, ctx_lens = self.store.table_builder.build(tables, lens)
+            cuts.append(next((j for j, f in enumerate(plan) if f >= sink), len(plan)))
+        layer_tables = self._bank_tables(rows, tables, cuts)
+        table, ctx_lens = layer_tables[0]
         context = PagedContext(self.store, table, ctx_lens, backend=self.backend)
+        if len(layer_tables) > 1:
+            context.layer_tables = layer_tables
         if write:
             context.reservations = self._reserve(rows, start_frame, num_frames)
         return context
@@ -338,6 +376,9 @@ class FrameCache:
         for seg in state.segments:
             self.store.free(seg.seq)
         state.segments = []
+        if state.bank is not None:
+            self.store.allocator.release(sorted(state.bank.pages()))
+            state.bank = self._new_bank()
 
     def _add(self, state: _Row) -> int:
         row, self._next = self._next, self._next + 1

@@ -14,7 +14,9 @@ Two update rules between steps ``s`` and ``s + 1``:
 - ``"euler"``: the plain ODE step ``x_{s+1} = x_s + (sigma_{s+1} - sigma_s) v``.
 
 After the last step the block's ``x0_hat`` is its output; :func:`generate` then runs the context
-pass (the clean block at ``t = 0``) that writes its K/V into the rows' caches.
+pass (the block at the context timestep, 0) that writes its K/V into the rows' caches. Its input
+is ``(1 - sigma_c) x0_hat + sigma_c * eps`` with the caller's noise ``eps`` (the authors' run:
+``sigma_c = 0.00498``, :meth:`FlowSchedule.table_sigma`) or the clean ``x0_hat``.
 
 Optional, for exploration baselines and measurements (off by default): ``inject`` adds a given
 perturbation to the noisy latent before chosen steps' model calls (the recorded input is the
@@ -31,6 +33,7 @@ import torch
 
 from kvpo.models.causal_wan import CausalWan, TextContext
 from kvpo.models.frame_cache import FrameCache
+from kvpo.models.prompt_switch import recache
 
 UPDATE_RULES = ("x0", "euler")
 
@@ -75,6 +78,20 @@ class FlowSchedule:
     def timesteps(self) -> torch.Tensor:
         """``[S]`` float64 model timesteps ``num_train_timesteps * sigma``."""
         return self.sigmas() * self.num_train_timesteps
+
+    def table_sigma(self, timestep: float) -> float:
+        """The noise level the authors' ``FlowMatchScheduler.add_noise`` uses at ``timestep``.
+
+        Their table (``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)``,
+        ``set_timesteps(num_train_timesteps)``, models/longlive/utils/scheduler.py):
+        ``s = linspace(1, 0, N + 1)[:-1]``, ``sigma = shift * s / (1 + (shift - 1) * s)``,
+        timesteps ``N * sigma``; the entry of the nearest timestep is used (timestep 0 ->
+        4.98, sigma 0.00498 at shift 5).
+        """
+        n = self.num_train_timesteps
+        s = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
+        table = self.shift * s / (1 + (self.shift - 1) * s)
+        return float(table[torch.argmin((table * n - float(timestep)).abs())])
 
 
 @dataclass
@@ -166,6 +183,17 @@ class FewStepSampler:
         return x0, trajectory
 
 
+def context_input(x0: torch.Tensor, noise: torch.Tensor | None, sigma: float) -> torch.Tensor:
+    """The context pass's input: ``(1 - sigma) x0 + sigma * noise`` (the authors'
+    ``scheduler.add_noise(x0, noise, context_noise)``), or ``x0`` itself when ``noise`` is None.
+
+    ``x0: [B, C, F, H, W]``, ``noise: [B | 1, C, F, H, W]``; returns ``x0``'s shape and dtype.
+    """
+    if noise is None:
+        return x0
+    return (1 - sigma) * x0 + sigma * noise.to(x0.dtype)
+
+
 @dataclass
 class Generation:
     """What :func:`generate` returns: ``latents: [B, C, F, H, W]`` (the generated frames) and,
@@ -174,51 +202,6 @@ class Generation:
     latents: torch.Tensor
     block_starts: list[int] = field(default_factory=list)
     trajectories: list[Trajectory] = field(default_factory=list)
-
-
-@torch.no_grad()
-def recache(
-    model: CausalWan,
-    cache: FrameCache,
-    rows: Sequence[int],
-    latents: torch.Tensor,
-    text: TextContext,
-    switch_frame: int,
-    context_timestep: float = 0.0,
-) -> range:
-    """Prompt-switch recache (LongLive): re-encode the policy's recache frames with the new prompt.
-
-    The frames ``R = policy.recache_frames(switch_frame)`` are written again, block by block from
-    ``R``'s start, each block attending to the re-encoded frames of ``R`` before it; they then
-    serve the rows in place of the old entries (older frames are kept as they are).
-
-    Args:
-        latents: ``[B | 1, C, len(R) or more, H, W]`` clean latents ending at ``switch_frame``
-            (the last ``len(R)`` frames are used).
-        text: the new prompt's context.
-
-    Returns:
-        The re-encoded frame range ``R``.
-    """
-    frames = cache.policy.recache_frames(switch_frame)
-    if len(frames) == 0:
-        return frames
-    if latents.shape[2] < len(frames):
-        raise ValueError(
-            f"recache at frame {switch_frame} re-encodes frames {frames.start}..{frames.stop - 1} "
-            f"but latents hold only {latents.shape[2]} frames"
-        )
-    window = latents[:, :, latents.shape[2] - len(frames) :]
-    rows = list(rows)
-    window = window.expand(len(rows), *window.shape[1:])
-    step = cache.policy.frames_per_block
-    for lo in range(frames.start, frames.stop, step):
-        hi = min(lo + step, frames.stop)
-        plan = list(range(frames.start, lo))
-        view = cache.view(rows, lo, hi - lo, plans=[plan] * len(rows), write=True)
-        block = window[:, :, lo - frames.start : hi - frames.start]
-        model.write_context(block, text, lo, view, timestep=context_timestep)
-    return frames
 
 
 PlanFn = Callable[[int], "Sequence[Sequence[int]] | None"]
@@ -243,6 +226,8 @@ def generate(
     record: bool = False,
     row_batch: int | None = None,
     context_timestep: float = 0.0,
+    context_noise: torch.Tensor | None = None,
+    context_sigma: float = 0.0,
     inject: Mapping[int, torch.Tensor] | None = None,
     context_hook: ContextHook | None = None,
 ) -> Generation:
@@ -263,6 +248,10 @@ def generate(
         record: keep each block's :class:`Trajectory`.
         row_batch: process rows in micro-batches of this size (None: all at once).
         context_timestep: timestep of the context pass (0).
+        context_noise: ``[B | 1, C, F_total, H, W]`` noise of the context pass, whose input is
+            then ``(1 - context_sigma) x0 + context_sigma * noise`` (:func:`context_input`);
+            None: the clean ``x0``.
+        context_sigma: the context pass's noise level (:meth:`FlowSchedule.table_sigma`).
         inject: ``{step: [B | 1, C, F_total, H, W]}`` perturbations added before that step's
             model call (:meth:`FewStepSampler.denoise_block`), None: none.
         context_hook: wraps each block's denoising view (:data:`ContextHook`), None: none.
@@ -276,9 +265,14 @@ def generate(
     total = noise.shape[2]
     if total % block:
         raise ValueError(f"noise has {total} frames, not a multiple of frames_per_block={block}")
-    for tensor, name in ((noise, "noise"), (history, "history")):
+    for tensor, name in ((noise, "noise"), (history, "history"), (context_noise, "context_noise")):
         if tensor is not None and tensor.shape[0] not in (1, batch):
             raise ValueError(f"{name} has batch {tensor.shape[0]}, expected 1 or {batch}")
+    if context_noise is not None and context_noise.shape[1:] != noise.shape[1:]:
+        raise ValueError(
+            f"context_noise is {tuple(context_noise.shape)}, expected [1 or {batch}, "
+            f"{', '.join(map(str, noise.shape[1:]))}] like noise"
+        )
     switches = dict(switches or {})
     starts = range(start_frame, start_frame + total, block)
     known = 0 if history is None else history.shape[2]
@@ -319,6 +313,7 @@ def generate(
                 if renoise is None
                 else _rows(renoise, sub, batch, dim=1)[:, :, :, lo : lo + block]
             )
+            cache.bank_refresh(sub_rows, sub_text)  # MemFlow's bank, before the first step
             view = cache.view(sub_rows, f0, block, plans=sub_plan)
             if context_hook is not None:
                 view = context_hook(view, start_frame=f0, plans=sub_plan)
@@ -329,7 +324,12 @@ def generate(
                 model, x_noise, sub_text, f0, view, xi, record, inject=add
             )
             write = cache.view(sub_rows, f0, block, plans=sub_plan, write=True)
-            model.write_context(x0, sub_text, f0, write, timestep=context_timestep)
+            eps = None
+            if context_noise is not None:
+                eps = _rows(context_noise, sub, batch)[:, :, lo : lo + block]
+            x_ctx = context_input(x0, eps, context_sigma)
+            model.write_context(x_ctx, sub_text, f0, write, timestep=context_timestep)
+            cache.bank_record(sub_rows, f0)
             pieces.append(x0)
             trajs.append(traj)
         out[:, :, lo : lo + block] = torch.cat(pieces)

@@ -64,6 +64,41 @@ def clip_for(layout: VideoLayout, prompts: Sequence[str], lo: int, hi: int) -> C
     return Clip(lo, hi, ", then ".join(texts), tuple(starts))
 
 
+def local_reward_input(
+    mode: str,
+    model,
+    latents: torch.Tensor,
+    videos: torch.Tensor,
+    layout: VideoLayout,
+    prompts: Sequence[str],
+    lo: int,
+    hi: int,
+) -> tuple[torch.Tensor, list[Clip]]:
+    """The videos and the clip the local reward scores, for the latent chunk ``[lo, hi)``.
+
+    Args:
+        mode: ``"chunk"``: the chunk's latents decoded alone (the authors'
+            ``_compute_rewards_short``: a causal VAE turns its first latent frame into one video
+            frame, so 18 latent frames give 69); ``"slice"``: its frames cut from ``videos``.
+        model: the video model (``decode``, ``video_frame``: :class:`kvpo.video_model.VideoModel`).
+        latents: ``[B, C, T, H, W]``; videos: ``[B, T_video, 3, H, W]`` their whole decode.
+        layout: the video layout in latent frames.
+
+    Returns:
+        ``(videos [B, T_clip, 3, H, W], [clip])``, the clip's frames and segment starts in the
+        returned videos' frames.
+    """
+    frame = model.video_frame
+    if mode == "slice":
+        return videos, [clip_for(layout.mapped(frame), prompts, frame(lo), frame(hi))]
+    if mode != "chunk":
+        raise ValueError(f"local_reward_decode must be 'chunk' or 'slice', got {mode!r}")
+    chunk = model.decode(latents[:, :, lo:hi])
+    clip = clip_for(layout, prompts, lo, hi)  # latent frames, starts relative to lo
+    starts = tuple(frame(s) for s in clip.starts)
+    return chunk, [Clip(0, chunk.shape[1], clip.prompt, starts)]
+
+
 def global_clips(layout: VideoLayout, prompts: Sequence[str], clip_len: int = 0) -> list[Clip]:
     """One clip per prompt segment, centred in it (the whole segment when ``clip_len`` is 0)."""
     clips = []

@@ -51,6 +51,8 @@ class ModelKwargs:
     local_attn_size: int = _f(9, "frames a block attends to, sink and current block included")
     sink_size: int = _f(3, "first frames kept in the cache forever (the attention sink)")
     timestep_shift: float = _f(1.0, "flow-matching time shift of the sampler's schedule")
+    bank_size: int = _f(0, "MemFlow's memory bank: frames per layer (0 = no bank, LongLive)")
+    record_interval: int = _f(3, "MemFlow: a block's first frame is recorded every this many")
 
 
 @dataclass
@@ -130,6 +132,15 @@ class TrainConfig(TypedViews):
     )
     num_frame_per_block: int = _f(3, "latent frames generated per block")
     context_noise: int = _f(0, "timestep of the context pass that writes a block's K/V")
+    context_add_noise: bool = _f(
+        True,
+        "the context pass reads (1 - sigma) x0 + sigma * noise, sigma from the authors' "
+        "scheduler table at context_noise (0.00498 at shift 5); false: the clean x0",
+    )
+    recache_full_kv_cache_after_switch: bool = _f(
+        False,
+        "a prompt switch re-encodes all resident_frames frames (false: local_attn_size)",
+    )
     model_kwargs: ModelKwargs = _f(ModelKwargs(), "cache geometry (see model_kwargs.*)")
     slice_last_frames: int = _f(
         15, "resident cache = local_attn_size + slice_last_frames frames (older frames to route)"
@@ -160,6 +171,12 @@ class TrainConfig(TypedViews):
         "dispersed",
         "'dispersed' (slices of one permutation, reference) or 'independent'",
         choices=("dispersed", "independent"),
+    )
+    routing_rule: str = _f(
+        "longlive",
+        "routed contexts: 'longlive' (sink ++ local_attn_size - sink - m routed frames ++ "
+        "nearest) or 'memflow' (local_attn_size - m routed cache slots ++ nearest, no sink)",
+        choices=("longlive", "memflow"),
     )
     exploration: str = _f(
         "kv_routing",
@@ -206,6 +223,12 @@ class TrainConfig(TypedViews):
     )
     reward_components: list[RewardComponent] = _f(TOY_REWARDS, "weighted reward components")
     train_local: bool = _f(True, "use the local reward (the forked chunk)")
+    local_reward_decode: str = _f(
+        "chunk",
+        "the local reward's clip: 'chunk' decodes the forked chunk's latents alone (the authors': "
+        "18 latent frames -> 69 video frames) or 'slice' cuts it from the whole video's decode",
+        choices=("chunk", "slice"),
+    )
     train_global: bool = _f(True, "use the global reward (one clip per prompt segment)")
     long_reward_normal_clip_len: int = _f(
         0, "frames of each global per-segment clip, centred in the segment; 0 = whole segment"
@@ -219,13 +242,28 @@ class TrainConfig(TypedViews):
     advantage_fusion_local_weight: float = _f(1.0, "weight of the local advantage")
     advantage_fusion_global_weight: float = _f(0.5, "weight of the global advantage")
     adv_clip_max: float = _f(2.5, "clip of the fused advantage (0 = off)")
+    use_raw_weighted_reward_advantage: bool = _f(
+        False,
+        "one advantage per signal from the weighted raw rewards (else: the weighted sum "
+        "of per-component advantages)",
+    )
     # policy
     tau: float = _f(2.0, "temperature of the branch softmax: logit = -E / tau", "policy (TVE)")
     tve_step_weight: str = _f(
-        "sigma2", "w_s of the energy: 'sigma2' (x0 MSE) or 'uniform'", choices=("sigma2", "uniform")
+        "sigma2",
+        "w_s of the energy: 'sigma2' (x0 MSE), 'uniform' or 'floored' (sigma^2 / max(sigma, "
+        "tve_sigma_floor)^2)",
+        choices=("sigma2", "uniform", "floored"),
     )
+    tve_sigma_floor: float = _f(0.0, "the floor of tve_step_weight 'floored' (> 0)")
     log_prob_grad_steps: int = _f(2, "denoising steps replayed with gradient (the first ones)")
-    policy_window_frames: int = _f(0, "frames whose energy forms pi; 0 = the routed window")
+    energy_blocks: str = _f(
+        "chunk",
+        "blocks whose TVE forms pi: 'chunk' (every block of the fork chunk from the fork on) "
+        "or 'routed' (the P routed blocks)",
+        choices=("chunk", "routed"),
+    )
+    policy_window_frames: int = _f(0, "frames whose energy forms pi; 0 = energy_blocks' rule")
     clip_range_low: float = _f(0.1, "ratio clip below: 1 - clip_range_low")
     clip_range_high: float = _f(0.2, "ratio clip above: 1 + clip_range_high")
     log_ratio_clamp: float = _f(20.0, "clamp of the log ratio")
@@ -241,6 +279,15 @@ class TrainConfig(TypedViews):
         1, "try_kl: the first denoising steps of each anchor block that carry gradient"
     )
     gated_scale: float = _f(0.5, "loss scale s of a group where no branch beats the anchor")
+    protect_mode: str = _f(
+        "gate",
+        "a group where no branch beats the anchor: 'gate' (loss scaled by gated_scale) or "
+        "'skip' (zero loss; the update is skipped when no rank has a better branch)",
+        choices=("gate", "skip"),
+    )
+    min_update_entropy_ratio: float = _f(
+        0.0, "'gate': skip the update when the branch entropy > (1 - ratio) ln G (0 = off)"
+    )
     ppo_epochs: int = _f(
         1, "updates per rollout: each epoch replays the same rollout with the old energies fixed"
     )

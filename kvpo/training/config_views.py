@@ -5,18 +5,20 @@ from __future__ import annotations
 
 
 class TypedViews:
-    """``cache_policy()``, ``schedule()``, ``routing_geometry()``, ``policy_frames()``,
-    ``chunks()``, ``policy_config()``, ``advantage_config()``, ``exploration_config()``,
-    ``latent_layout()``."""
+    """``cache_policy()``, ``schedule()``, ``step_weights()``, ``routing_geometry()``,
+    ``policy_frames()``, ``chunks()``, ``policy_config()``, ``advantage_config()``,
+    ``exploration_config()``, ``latent_layout()``."""
 
     def cache_policy(self):
         """:class:`~kvpo.models.CachePolicy`: sink + window view over the resident frames."""
         from kvpo.models.frame_cache import CachePolicy
 
         mk = self.model_kwargs
+        recache = self.resident_frames if self.recache_full_kv_cache_after_switch else None
         return CachePolicy(
-            mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block
-        )
+            mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block,
+            recache_size=recache, bank_size=mk.bank_size, record_interval=mk.record_interval,
+        )  # fmt: skip
 
     def schedule(self):
         """:class:`~kvpo.models.FlowSchedule` of the few-step sampler."""
@@ -27,6 +29,12 @@ class TypedViews:
             self.model_kwargs.timestep_shift,
             warp=self.warp_denoising_step,
         )
+
+    def step_weights(self):
+        """``w_s [S]`` fp32 of the energy (:func:`~kvpo.method.replay.step_weights`)."""
+        from kvpo.method.replay import step_weights
+
+        return step_weights(self.schedule(), self.tve_step_weight, self.tve_sigma_floor)
 
     def routing_geometry(self):
         """:class:`~kvpo.method.routing.RoutingGeometry` of the CHR plan."""
@@ -41,10 +49,21 @@ class TypedViews:
             perturb_num_blocks=self.perturb_num_blocks,
         )
 
-    def policy_frames(self) -> int:
-        """Frames from the fork whose trajectories are recorded and replayed:
-        ``policy_window_frames``, or the routed window when it is 0."""
-        return self.policy_window_frames or self.routing_geometry().window_frames
+    def policy_frames(self, plan=None) -> int:
+        """Frames from the fork whose trajectories are recorded and replayed (the energy
+        blocks): ``policy_window_frames``, or when it is 0 the ``energy_blocks`` rule
+        (:func:`~kvpo.method.routing.energy_frames`) for ``plan``, or without a plan the most
+        it gives over every eligible start (what the cache is sized for)."""
+        from kvpo.method.routing import energy_frames, max_energy_frames
+
+        if self.policy_window_frames:
+            return self.policy_window_frames
+        if plan is not None:
+            return energy_frames(plan, self.chunks(), self.energy_blocks)
+        return max_energy_frames(
+            self.routing_geometry(), self.chunks(), self.perturb_within_first_x_chunks,
+            self.energy_blocks,
+        )  # fmt: skip
 
     def chunks(self):
         """The streaming chunks of a training video (:func:`~kvpo.method.routing.chunk_layout`)."""
@@ -66,7 +85,9 @@ class TypedViews:
             clip_high=self.clip_range_high,
             log_ratio_clamp=self.log_ratio_clamp,
             kl_coef=self.kl_coef if self.kl_loss_mode == "discrete_kl" else 0.0,
-            gated_scale=self.gated_scale,
+            gated_scale=0.0 if self.protect_mode == "skip" else self.gated_scale,
+            protect_mode=self.protect_mode,
+            min_update_entropy_ratio=self.min_update_entropy_ratio,
         )
 
     def advantage_config(self):
@@ -79,6 +100,7 @@ class TypedViews:
             local_weight=self.advantage_fusion_local_weight,
             global_weight=self.advantage_fusion_global_weight,
             clip=self.adv_clip_max,
+            raw_weighted=self.use_raw_weighted_reward_advantage,
         )
 
     def exploration_config(self):

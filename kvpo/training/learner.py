@@ -15,7 +15,7 @@ Per step (one prompt group per rank):
    ``kl_loss_mode: try_kl`` the reference's replay of the anchor (:mod:`kvpo.method.anchor_kl`);
 5. ``ppo_epochs`` times: the current policy's replay with grad, the objective
    (:func:`kvpo.method.policy.policy_loss`) against the fixed old and reference energies,
-   gradients averaged over ranks, grad-norm clip, AdamW, EMA;
+   gradients averaged over ranks, grad-norm clip, AdamW, EMA (unless kvpo.training.gates skips);
 6. every ``sync_every`` rollouts (one *training step*) the old policy is re-synced and the
    learning-rate schedule advances; the ratio of the first update after each sync is logged
    (it must be exactly 1).
@@ -39,16 +39,18 @@ from kvpo.method import policy
 from kvpo.method.advantages import any_branch_beats_anchor, group_advantages
 from kvpo.method.anchor_kl import AnchorKL, AnchorReference
 from kvpo.method.exploration import branch_noise
-from kvpo.method.replay import replay_energies, step_weights
+from kvpo.method.replay import replay_energies
 from kvpo.method.rollout import GroupRollout, rollout_group
-from kvpo.method.routing import RoutingPlan, plan_routing
+from kvpo.method.routing import RoutingPlan
+from kvpo.method.routing_memflow import plan_for_rule
 from kvpo.models.lora import active_adapter, adapter_scope, freeze_copy
-from kvpo.rewards.clips import clip_for, global_clips, score_clips
+from kvpo.rewards.clips import global_clips, local_reward_input, score_clips
 from kvpo.streaming import branch_seed, group_seed, stream_from_config
 from kvpo.training.adapters import setup_adapters
 from kvpo.training.config import TrainConfig
 from kvpo.training.counters import Counters
 from kvpo.training.distributed import DistInfo, any_rank, average_gradients
+from kvpo.training.gates import skip_update
 from kvpo.training.optim import EMA, build_optimizer, grad_norm
 from kvpo.training.phases import PhaseTimer
 from kvpo.training.prompts import PromptSource
@@ -99,7 +101,7 @@ class Learner:
         self.model.gradient_checkpointing = cfg.gradient_checkpointing  # grad-carrying replays
         self._setup_adapters()
         self.stream = stream_from_config(model, cfg, self.rows_per_batch)
-        self.weights = step_weights(self.stream.schedule, cfg.tve_step_weight).to(self.device)
+        self.weights = cfg.step_weights().to(self.device)
         self.video_layout = self.stream.layout.mapped(model.video_frame)  # decoded frames
         self.counters = Counters()
         self.anchor_kl = AnchorKL.from_config(cfg, self.stream, self.kl_reference)  # try_kl
@@ -156,9 +158,10 @@ class Learner:
         """The group's routing plan (its start block is the fork frame in every exploration
         mode; the routed sets are used when :attr:`exploration` routes)."""
         cfg = self.cfg
-        return plan_routing(
-            self.geometry, self.chunks, cfg.K, seed=cfg.seed, step=step, rank=rank,
-            within_first_x_chunks=cfg.perturb_within_first_x_chunks, mode=cfg.routing_mode,
+        return plan_for_rule(
+            cfg.routing_rule, self.geometry, self.chunks, cfg.K, seed=cfg.seed, step=step,
+            rank=rank, within_first_x_chunks=cfg.perturb_within_first_x_chunks,
+            mode=cfg.routing_mode,
         )  # fmt: skip
 
     def rollout(self, step: int, prompts: list[str], rank: int) -> GroupRollout:
@@ -166,7 +169,7 @@ class Learner:
         plan = self.plan(step, rank)
         seed = group_seed(cfg.seed, step, rank)
         noise = self.stream.noise(seed)
-        policy_frames = cfg.policy_frames()
+        policy_frames = cfg.policy_frames(plan)
         chunk = self.chunks[plan.chunk_index]
         end = cfg.streaming_max_length if cfg.train_global else max(chunk.end_frame, plan.end_frame)
         seeds = [branch_seed(seed, g) for g in range(G)]
@@ -183,19 +186,20 @@ class Learner:
         """``(local, global, videos)``: each signal ``(branch rewards {name: [G]}, anchor
         {name: scalar})`` or None when not trained on."""
         cfg, G = self.cfg, self.cfg.K
-        videos = self.video_model.decode(ro.latents)
-        chunk = self.chunks[ro.plan.chunk_index]
-        frame, layout = self.video_model.video_frame, self.video_layout
-        local = clip_for(layout, prompts, frame(chunk.start_frame), frame(chunk.end_frame))
+        videos, chunk = self.video_model.decode(ro.latents), self.chunks[ro.plan.chunk_index]
+        span = (self.stream.layout, prompts, chunk.start_frame, chunk.end_frame)
+        segment_clips = global_clips(self.video_layout, prompts, cfg.long_reward_normal_clip_len)
         out = []
-        for use, clips in (
-            (cfg.train_local, [local]),
-            (cfg.train_global, global_clips(layout, prompts, cfg.long_reward_normal_clip_len)),
-        ):
+        for use, inputs in (  # (videos, clips) of each signal, built only when it is used
+            (cfg.train_local, lambda: local_reward_input(
+                cfg.local_reward_decode, self.video_model, ro.latents, videos, *span)),
+            (cfg.train_global, lambda: (videos, segment_clips)),
+        ):  # fmt: skip
             if not use:
                 out.append(None)
                 continue
-            scores = score_clips(self.reward, videos, [clips] * (G + 1))
+            clip_videos, clips = inputs()
+            scores = score_clips(self.reward, clip_videos, [clips] * (G + 1))
             out.append(
                 ({k: v[:G] for k, v in scores.items()}, {k: v[G] for k, v in scores.items()})
             )
@@ -231,7 +235,7 @@ class Learner:
             for epoch in range(self.cfg.ppo_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
                 update = self.policy_gradients(data, timer)
-                update.update(self.apply_update(timer))
+                update.update(self.apply_update(timer, update["update/skipped"]))
                 losses.append(update["loss"])
                 if epoch == 0:
                     record = {**data.record, **update}
@@ -313,9 +317,8 @@ class Learner:
                 skip = any_rank(not bool(torch.isfinite(term)), self.info)
                 if not skip:
                     term.backward()
-                out.diagnostics.update(
-                    anchor_mse=float(mse), loss=out.diagnostics["loss"] + float(term.detach())
-                )
+                loss = out.diagnostics["loss"] + term.item()
+                out.diagnostics.update(anchor_mse=float(mse), loss=loss)
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             raise SkippedStep(f"non-finite loss {out.diagnostics['loss']}")
@@ -332,13 +335,13 @@ class Learner:
             "sync/max_abs_log_ratio": float(log_ratio.abs().max()),
             **({"sync/ratio_exactly_one": bool((log_ratio == 0).all())} if first else {}),
             "policy/ratio": out.ratio,
+            "update/skipped": skip_update(self.policy_config, e_cur, data.beats_anchor, self.info),
             **{f"policy/{k}": v for k, v in out.diagnostics.items()},
         }
 
-    def apply_update(self, timer: PhaseTimer) -> dict:
-        """Average the gradients over ranks, clip, step AdamW, update the EMA. The LR (logged as
-        ``lr``) is the one AdamW steps with; the schedule advances per training step, in
-        :meth:`end_rollout`."""
+    def apply_update(self, timer: PhaseTimer, skip: bool = False) -> dict:
+        """Average the gradients over ranks, clip, then (unless ``skip``: kvpo.training.gates) step
+        AdamW and the EMA; logs AdamW's ``lr`` (the schedule advances in :meth:`end_rollout`)."""
         cfg = self.cfg
         with timer("update"):
             average_gradients(self.params, self.info)
@@ -346,9 +349,10 @@ class Learner:
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.named_params)
+            if not skip:
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.named_params)
         return {"grad_norm": norm, "lr": lr}
 
     def end_rollout(self) -> None:

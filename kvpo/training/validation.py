@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from kvpo.method.routing import RoutingError, plan_routing
+from kvpo.method.routing import RoutingError
+from kvpo.method.routing_memflow import plan_for_rule
 from kvpo.training.config import ConfigError, TrainConfig
 from kvpo.training.config_parse import choices
 from kvpo.training.prompts import PromptFileError, load_prompt_file
@@ -50,10 +51,22 @@ def _ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.clip_range_high > 0, f"clip_range_high must be > 0, got {cfg.clip_range_high}")
     need(cfg.kl_coef >= 0, f"kl_coef must be >= 0, got {cfg.kl_coef}")
     need(cfg.gated_scale >= 0, f"gated_scale must be >= 0, got {cfg.gated_scale}")
+    ratio = cfg.min_update_entropy_ratio
+    need(0 <= ratio <= 1, f"min_update_entropy_ratio must be in [0, 1], got {ratio}")
+    need(
+        cfg.tve_step_weight != "floored" or cfg.tve_sigma_floor > 0,
+        f"tve_step_weight 'floored' needs tve_sigma_floor > 0, got {cfg.tve_sigma_floor}",
+    )
     need(cfg.eval_seeds >= 1, f"eval_seeds must be >= 1, got {cfg.eval_seeds}")
     need(cfg.eval_prompts >= 0, f"eval_prompts must be >= 0, got {cfg.eval_prompts}")
     for key in ("prompt_min_segments", "prompt_max_segments"):
         need(getattr(cfg, key) >= 0, f"{key} must be >= 0 (0: off), got {getattr(cfg, key)}")
+    mk = cfg.model_kwargs
+    need(mk.bank_size >= 0, f"model_kwargs.bank_size must be >= 0 (0: no bank), got {mk.bank_size}")
+    need(
+        mk.record_interval >= 1,
+        f"model_kwargs.record_interval must be >= 1, got {mk.record_interval}",
+    )
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
     rows = cfg.row_micro_batch
     need(
@@ -114,7 +127,8 @@ def _layout(cfg: TrainConfig) -> list[str]:
 
 def _routing(cfg: TrainConfig) -> list[str]:
     try:
-        plan_routing(
+        plan_for_rule(
+            cfg.routing_rule,
             cfg.routing_geometry(),
             cfg.chunks(),
             cfg.K,

@@ -111,3 +111,42 @@ def test_reward_gate():
     better = ({"a": t([0.1, 0.4]), "b": t([0.1, 0.1])}, {"a": t(0.3), "b": t(0.1)})
     assert not any_branch_beats_anchor([worse, None], weights)
     assert any_branch_beats_anchor([worse, better], weights)
+
+
+def test_raw_weighted_advantage_is_theirs():
+    """use_raw_weighted_reward_advantage (their _rollout, ~1520): each signal's advantage is
+    _anchor_advantage(weighted raw aggregate, the anchor's aggregate), before fusion."""
+
+    def their_signal(rewards, anchor, weights):
+        branch = [sum(weights[k] * rewards[k][i] for k in weights) for i in range(3)]
+        aggregate = sum(weights[k] * anchor[k] for k in weights)
+        sd = statistics.stdev(branch + [aggregate]) + 1e-8
+        return [(r - aggregate) / sd for r in branch]
+
+    gen = torch.Generator().manual_seed(4)
+    weights = {"hps": 1.0, "motion": 0.3}
+    signals = []
+    for _ in range(2):
+        rewards = {k: torch.rand(3, generator=gen).tolist() for k in weights}
+        anchor = {k: float(torch.rand((), generator=gen)) for k in weights}
+        signals.append((rewards, anchor))
+    as_tensors = [
+        ({k: t(v) for k, v in r.items()}, {k: t(v) for k, v in a.items()}) for r, a in signals
+    ]
+    config = AdvantageConfig(raw_weighted=True, clip=0.0, fusion_mode="none")
+    out = group_advantages(*as_tensors, weights, config)
+    expected = [their_signal(*s, weights) for s in signals]
+    assert out.local.tolist() == pytest.approx(expected[0], rel=1e-5)
+    assert out.global_.tolist() == pytest.approx(expected[1], rel=1e-5)
+    fused = [a + 0.5 * b for a, b in zip(*expected)]
+    assert out.final.tolist() == pytest.approx(fused, rel=1e-5)
+    # it differs from the default (the weighted sum of per-component advantages)
+    default = group_advantages(*as_tensors, weights, AdvantageConfig(clip=0.0, fusion_mode="none"))
+    assert not torch.allclose(default.local, out.local, rtol=1e-3)
+    assert set(out.components) == set(default.components)  # components still reported
+    grpo = group_advantages(
+        as_tensors[0], None, weights, AdvantageConfig(mode="grpo", raw_weighted=True)
+    )
+    aggregate = sum(w * torch.tensor(signals[0][0][k]) for k, w in weights.items())
+    plain = (aggregate - aggregate.mean()) / (aggregate.std() + 1e-8)
+    assert grpo.local.tolist() == pytest.approx(plain.tolist(), rel=1e-5)

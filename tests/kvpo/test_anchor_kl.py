@@ -14,7 +14,16 @@ from kvpo.method.anchor_kl import AnchorKL, anchor_mse, anchor_noise, anchor_pre
 from kvpo.method.rollout import rollout_group
 from kvpo.models import recache
 from kvpo.models.lora import active_adapter, add_lora, freeze_copy, lora_parameters
-from tests.kvpo.test_rollout_replay import SCHEDULE, SWITCHES, F, _cache, _noise, _plan, _stream
+from tests.kvpo.test_rollout_replay import (
+    CTX_SIGMA,
+    SCHEDULE,
+    SWITCHES,
+    F,
+    _cache,
+    _noise,
+    _plan,
+    _stream,
+)
 
 S = SCHEDULE.num_steps
 
@@ -80,7 +89,9 @@ def _oracle_x0(model, embeds, adapter, ro, noise, blocks, grad_steps):
                 with active_adapter(model, "ref" if lo < fork else adapter):
                     view = cache.view([row], lo, F, write=True)
                     text = texts["ref" if lo < fork else adapter][_segment(lo)]
-                    model.write_context(past[:, :, lo : lo + F], text, lo, view)
+                    x = past[:, :, lo : lo + F]  # the group's context noise, as the rollout's
+                    x = (1 - CTX_SIGMA) * x + CTX_SIGMA * noise.context[:, :, lo : lo + F]
+                    model.write_context(x, text, lo, view)
         text = texts[adapter][_segment(start)]
         x = noise.noise[:, :, start : start + F]
         with active_adapter(model, adapter):

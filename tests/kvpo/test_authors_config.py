@@ -41,7 +41,8 @@ NO_EFFECT_LONGLIVE = [
     "reward_batch_size", "long_reward_enable_transition", "long_reward_normal_weight",
     "long_reward_transition_weight", "long_reward_transition_clip_len", "num_gpus", "gpu_ids",
     "offload_models", "debug_save_first_video_group", "debug_video_group_fps",
-    "debug_video_group_subdir", "adapter.verbose",
+    "debug_video_group_subdir", "adapter.verbose", "policy_window_frames",
+    "policy_window_multiple",
 ]  # fmt: skip
 NO_EFFECT_MEMFLOW = NO_EFFECT_LONGLIVE + ["log_interval", "adapter.dtype"]
 MULTINODE = [
@@ -51,10 +52,7 @@ MULTINODE = [
     "multinode.master", "multinode.workers",
 ]  # fmt: skip
 # keys whose behaviour is not implemented here but whose value in the files does nothing
-SILENT = [
-    "min_update_entropy_ratio", "use_raw_weighted_reward_advantage",
-    "eval_reward_components",
-]  # fmt: skip
+SILENT = ["eval_reward_components"]
 
 
 def _raw(path):
@@ -100,7 +98,9 @@ def test_longlive_loads_with_their_values(capsys):
     assert cfg.adv_clip_max == 2.5 and cfg.policy_window_frames == 0
     assert cfg.log_prob_grad_steps == 2 and cfg.ppo_epochs == 1
     assert (cfg.tve_step_weight, cfg.tau) == ("sigma2", 2.0)  # floor 1.0: -x0 MSE / 2
-    assert cfg.gated_scale == 0.5  # mechanism_2
+    assert cfg.gated_scale == 0.5 and cfg.protect_mode == "gate"  # mechanism_2
+    assert cfg.min_update_entropy_ratio == 0 and not cfg.use_raw_weighted_reward_advantage
+    assert cfg.energy_blocks == "chunk"  # their energy: the fork chunk's blocks from the fork
     assert (cfg.clip_range_low, cfg.clip_range_high) == (0.1, 0.2)
     assert cfg.kl_coef == 10.0 and cfg.kl_reference_initial
     assert cfg.lr == 1.0e-5 and cfg.lr_scheduler == "constant_with_warmup"
@@ -121,7 +121,7 @@ def test_longlive_loads_with_their_values(capsys):
     assert (cfg.prompt_min_segments, cfg.prompt_max_segments, cfg.prompt_order) == (4, 4, "sweep")
     assert capsys.readouterr().err.startswith(
         f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 75 mapped, "
-        "22 no effect here, 3 not implemented here"
+        "24 no effect here, 1 not implemented here"
     )
     # their trainer keeps training the loaded LoRA; try_kl is off, its M is theirs
     assert cfg.lora_init == "continue"
@@ -131,17 +131,21 @@ def test_longlive_loads_with_their_values(capsys):
 def test_memflow_loads_with_their_values(capsys):
     cfg = load_config(MEMFLOW)
     assert cfg.generator_ckpt == "checkpoints/memflow/base.pt"
-    assert cfg.m_nearest_frames == 3  # n_random = 12 - 3 - 3 = 6
+    assert cfg.m_nearest_frames == 3  # MemFlow's rule: 12 - 3 = 9 routed cache slots
+    assert (cfg.model_kwargs.bank_size, cfg.model_kwargs.record_interval) == (3, 3)
+    assert cfg.routing_rule == "memflow"
+    assert cfg.cache_policy().bank_size == 3
     assert cfg.row_micro_batch == 4  # branch_backward_chunk_size 4
     assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
     assert (cfg.adapter.rank, cfg.adapter.alpha) == (256, 256.0)
     first = capsys.readouterr().err.splitlines()[0]
-    assert "75 mapped, 24 no effect here, 6 not implemented here" in first
+    assert "77 mapped, 26 no effect here, 2 not implemented here" in first
     # the rest as LongLive's file: the two files differ in these keys only
     longlive = load_config(LONGLIVE)
     differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
     assert differ == {"generator_ckpt", "lora_ckpt", "m_nearest_frames", "row_micro_batch",
-                      "output_dir"}  # fmt: skip
+                      "output_dir", "model_kwargs", "routing_rule"}  # fmt: skip
+    assert longlive.routing_rule == "longlive" and longlive.model_kwargs.bank_size == 0
 
 
 def test_the_translation_passes_validation_apart_from_missing_paths():
@@ -167,10 +171,12 @@ def test_every_key_of_both_files_is_in_the_table():
         for key in leaves:
             assert f"  {key} " in table, key
         assert sum(translation.counts().values()) == len(leaves)
-    # and the table holds no key that neither file has, but the launcher's ssh spellings
+    # and the table holds no key that neither file has, but the launcher's ssh spellings and the
+    # keys only their trainer reads (getattr with a default)
     spare = {r.key for r in RULES} - seen
-    assert spare == {f"multinode.nodes.<alias>.{k}" for k in ("host", "hostname", "port", "user")}
-    assert spare == authors.LAUNCHER_SPELLINGS
+    launcher = {f"multinode.nodes.<alias>.{k}" for k in ("host", "hostname", "port", "user")}
+    assert spare == launcher | {"recache_full_kv_cache_after_switch"}
+    assert spare == authors.LAUNCHER_SPELLINGS | authors.TRAINER_ONLY
     memflow_only = {pattern(k) for k, _ in flatten(_raw(MEMFLOW))} - {
         pattern(k) for k, _ in flatten(_raw(LONGLIVE))
     }
@@ -179,13 +185,15 @@ def test_every_key_of_both_files_is_in_the_table():
 
 def test_rule_categories():
     counts = authors.rule_counts()
-    assert counts == {MAPPED: 75, NO_EFFECT: 25, NOT_IMPLEMENTED: 6}
-    for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master"):
+    assert counts == {MAPPED: 78, NO_EFFECT: 27, NOT_IMPLEMENTED: 2}
+    for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master",
+                "policy_window_frames", "policy_window_multiple"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
-    for key in ("model_kwargs.bank_size", "model_kwargs.SMA", "use_raw_weighted_reward_advantage",
-                "min_update_entropy_ratio"):  # fmt: skip
+    for key in ("model_kwargs.SMA",):
         assert RULE_BY_KEY[key].kind == NOT_IMPLEMENTED, key
-    for key in ("prompt_min_segments", "prompt_max_segments", "data_path"):
+    for key in ("prompt_min_segments", "prompt_max_segments", "data_path",
+                "use_raw_weighted_reward_advantage", "min_update_entropy_ratio",
+                "model_kwargs.bank_size", "model_kwargs.record_interval"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == MAPPED, key
 
 
@@ -206,19 +214,15 @@ def test_no_effect_keys_print_one_line_each(capsys):
     assert len(group) == 1 and all(key in group[0] for key in MULTINODE)
     assert "no effect here: the multi-node launcher's ssh targets" in group[0]
     # not implemented with a value that does something: one line each; no-op values: none
-    for key in ("model_kwargs.bank_size", "model_kwargs.record_interval"):
-        mine = [line for line in lines if line.startswith(f"{key}: ")]
-        assert len(mine) == 1 and "not implemented here" in mine[0], (key, mine)
-        assert mine[0].endswith("the run proceeds without it")
-    assert "bank of 3 frames between the sink and the local window" in "\n".join(lines)
-    for key in [*SILENT, "model_kwargs.SMA"]:
+    for key in [*SILENT, "model_kwargs.SMA", "model_kwargs.bank_size",
+                "model_kwargs.record_interval"]:  # fmt: skip
         assert not any(line.startswith(f"{key}: ") for line in lines), key
     # mapped keys print only where the conversion is not exact
     printed = {line.split(":", 1)[0] for line in lines}
     assert printed & {r.key for r in RULES if r.kind == MAPPED} == {
         "lr_warmup_steps", "ema_decay", "eval_prompts",
     }  # fmt: skip
-    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 2 + 3
+    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 3
     assert len(lines) == n_lines
 
 
@@ -234,17 +238,18 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
     cfg = load_config(_write(tmp_path, data))
     lines = _lines(capsys.readouterr().err)
     for key, text in (
-        ("use_raw_weighted_reward_advantage", "from the weighted sum of the raw rewards"),
         ("global_sink", "re-encodes the sink with the new prompt"),
-        ("min_update_entropy_ratio", "entropy exceeds (1 - 0.1) ln K"),
         ("long_reward_normal_weight", "makes their global reward 0"),
         ("eval_reward_components", "here it scores reward_components"),
-        ("model_kwargs.SMA", "top-3 bank frames"),
+        ("model_kwargs.SMA", "top-3 of the sink and bank frames"),
         ("last_step_only", "stops every block at one random denoising step"),
     ):
         mine = [line for line in lines if line.startswith(f"{key}: ")]
         assert len(mine) == 1 and "not implemented here" in mine[0] and text in mine[0], key
     assert cfg.kl_coef == 10.0 and cfg.train_global  # the run keeps this project's behaviour
+    # implemented: mapped, silent
+    assert cfg.use_raw_weighted_reward_advantage and cfg.min_update_entropy_ratio == 0.1
+    assert not any(line.startswith(("use_raw_weighted", "min_update_entropy")) for line in lines)
 
 
 def test_try_kl_maps_onto_the_anchor_penalty(tmp_path, capsys):
@@ -274,20 +279,22 @@ def test_conversions_in_their_units(tmp_path, capsys):
     err = capsys.readouterr().err
     # chunks [0, 21), [21, 39), [39, 57), [57, 75), [75, 93), ...: switches to the next start
     assert cfg.switch_frame_indices == "57, 93"
-    assert cfg.policy_window_frames == 30  # round(5 blocks x 3 frames x 2.0)
+    # their window (round(5 blocks x 3 frames x 2.0) = 30) does not choose the energy blocks
+    assert cfg.policy_window_frames == 0 and cfg.energy_blocks == "chunk"
     # floor 0.5 below every step sigma (1, 0.9375, 0.8333, 0.625): -velocity MSE / 2
     assert (cfg.tve_step_weight, cfg.tau) == ("uniform", 2.0)
-    assert cfg.gated_scale == 0.0 and "per_step_protect_mode: 'mechanism_1': mapped to " in err
+    assert cfg.protect_mode == "skip" and cfg.policy_config().gated_scale == 0.0  # mechanism_1
+    assert "per_step_protect_mode" not in err  # exact now
     assert cfg.row_micro_batch == "auto"  # a chunk of all K branches: no chunking
     assert not cfg.eval_before and not cfg.eval_after and cfg.eval_interval_steps == 0
     assert cfg.save_interval_steps == 2  # 32 samples / (8 ranks x 2 rollouts)
     assert "save_interval_samples: 32: mapped to save_interval_steps=2, not " in err
     assert (cfg.clip_range_low, cfg.clip_range_high) == (0.3, 0.2)  # clip_range: the fallback
     assert cfg.advantage_fusion_local_weight == 1.0  # their default local_loss_weight
-    data.update(log_prob_sigma_floor=0.7)  # between the sigmas: not expressible
+    data.update(log_prob_sigma_floor=0.7)  # between the sigmas: sigma^2 / max(sigma, 0.7)^2
     cfg = load_config(_write(tmp_path, data))
-    assert (cfg.tve_step_weight, cfg.tau) == ("sigma2", pytest.approx(0.98))
-    assert "log_prob_sigma_floor: 0.7: not expressible here" in capsys.readouterr().err
+    assert (cfg.tve_step_weight, cfg.tve_sigma_floor, cfg.tau) == ("floored", 0.7, 2.0)
+    assert "log_prob_sigma_floor" not in capsys.readouterr().err
     data.update(log_prob_sigma_floor=2.0, eval_prompts=3)  # above every sigma: tau = 2 floor^2
     cfg = load_config(_write(tmp_path, data))
     assert (cfg.tve_step_weight, cfg.tau, cfg.eval_prompts) == ("sigma2", 8.0, 3)
@@ -321,7 +328,7 @@ def test_absent_keys_take_their_codes_defaults(tmp_path):
     assert cfg.lr_warmup_steps == 10  # their default, in training steps
     assert cfg.ema_decay == 0.0
     assert not cfg.eval_use_ema
-    assert cfg.policy_window_frames == 30  # their default multiple 2.0
+    assert cfg.policy_window_frames == 0  # their default multiple 2.0 does not change the energy
     assert cfg.long_reward_normal_clip_len == 81  # 21 latent frames -> 21 x 4 - 3 pixels
     assert cfg.adapter.alpha == 256.0 and cfg.lora_ckpt_alpha == 256.0  # alpha = rank
     rows = {row.key: row for row in translate(data).rows}
@@ -336,6 +343,22 @@ def test_absent_keys_take_their_codes_defaults(tmp_path):
     memflow = _raw(MEMFLOW)
     del memflow["long_reward_normal_clip_len"]
     assert translate(memflow).values["long_reward_normal_clip_len"] == 48
+
+
+def test_recache_full_kv_cache_after_switch(tmp_path):
+    """Their trainer's key (no file sets it): false re-encodes local_attn_size frames at a
+    switch, true the whole cache, local_attn_size + slice_last_frames = 12 + 21 frames."""
+    data = _raw(LONGLIVE)
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.recache_full_kv_cache_after_switch is False
+    assert cfg.cache_policy().recache_frames(60) == range(48, 60)
+    data["recache_full_kv_cache_after_switch"] = True
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.recache_full_kv_cache_after_switch is True
+    assert cfg.cache_policy().recache_size == 33
+    assert cfg.cache_policy().recache_frames(60) == range(27, 60)
+    row = {r.key: r for r in translate(data).rows}["recache_full_kv_cache_after_switch"]
+    assert row.present and row.kind == MAPPED
 
 
 @pytest.mark.parametrize(
@@ -410,7 +433,7 @@ def test_check_prints_the_table_and_fails_on_the_missing_paths(capsys):
         "2 rollouts: 3000 rollouts, 3000 AdamW steps in both)",
         "adapter.verbose ", "no effect here", "prompt_min_segments = 4", "prompt_max_segments = 4",
         "wan_model_path = 'wan_models/Wan2.1-T2V-1.3B'",
-        "100 keys in the file: 75 mapped, 22 no effect here, 3 not implemented here",
+        "100 keys in the file: 75 mapped, 24 no effect here, 1 not implemented here",
     ):  # fmt: skip
         assert text in head, text
     assert json.loads("{" + resolved)["sync_every"] == 2
@@ -429,7 +452,7 @@ def test_check_passes_when_the_config_would_run(capsys):
     args = ["--config", str(LONGLIVE), "--check", "generator_ckpt=", "lora_ckpt=", "data_path="]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "100 keys in the file: 75 mapped, 22 no effect here" in captured.out
+    assert "100 keys in the file: 75 mapped, 24 no effect here" in captured.out
     assert "error:" not in captured.err and "invalid configuration" not in captured.err
 
 
@@ -451,10 +474,10 @@ def test_subprocess_check_runs(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr  # their paths are not on this machine
-    assert "105 keys in the file: 75 mapped, 24 no effect here, 6 not implemented here" in (
+    assert "105 keys in the file: 77 mapped, 26 no effect here, 2 not implemented here" in (
         run.stdout
     )
-    assert "model_kwargs.bank_size: 3: not implemented here" in run.stderr
+    assert "model_kwargs.bank_size" not in run.stderr  # mapped: nothing printed
     assert "generator_ckpt: checkpoint path 'checkpoints/memflow/base.pt' does not exist" in (
         run.stderr
     )

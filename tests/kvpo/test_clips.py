@@ -5,8 +5,15 @@ mapping, and ``score_clips`` against a reward written here. Every window is writ
 import pytest
 import torch
 
-from kvpo.rewards.clips import Clip, VideoLayout, clip_for, global_clips, score_clips
-from kvpo.video_model import wan_video_frame
+from kvpo.rewards.clips import (
+    Clip,
+    VideoLayout,
+    clip_for,
+    global_clips,
+    local_reward_input,
+    score_clips,
+)
+from kvpo.video_model import VideoModel, wan_video_frame
 
 # 21 latent frames (7 blocks of 3), prompt switches at latent frames 9 and 15; Wan decodes latent
 # frame 0 to video frame 0 and latent frame f > 0 to video frames 4f-3 .. 4f: 81 video frames,
@@ -75,6 +82,57 @@ def test_local_chunk_of_a_latent_layout():
     assert (lo, hi) == (21, 45)
     assert clip_for(VIDEO, ABC, lo, hi) == Clip(21, 45, "a, then b", (0, 12))
     assert clip_for(LATENT, ABC, 6, 12) == Clip(6, 12, "a, then b", (0, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_vae():
+    """A random Wan VAE (diffusers' AutoencoderKLWan, causal, temporal stride 4), 4 latent
+    channels: decodes ``[B, 4, T, 4, 4]`` to ``[B, 3, 4T - 3, 32, 32]``."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()  # fmt: skip
+
+
+def _plain_decode(vae, latents):
+    with torch.no_grad():
+        return ((vae.decode(latents).sample.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
+
+
+def test_local_reward_decodes_the_chunk_alone(tiny_wan_vae):
+    """'chunk' (the authors'): the latent chunk [6, 12) decoded alone, 6 latent frames -> 1 + 4*5
+    = 21 video frames (18 -> 69 in their runs), the switch at latent 9 at clip frame 4*3-3 = 9;
+    'slice': frames [21, 45) of the whole video's decode (24 frames)."""
+    vae = tiny_wan_vae
+    model = VideoModel(None, None, lambda x: _plain_decode(vae, x), wan_video_frame, (4, 4, 4))
+    latents = torch.randn(1, 4, 12, 4, 4, generator=torch.Generator().manual_seed(1))
+    whole = _plain_decode(vae, latents)  # the first 12 latent frames of the layout's 21
+    assert whole.shape == (1, 45, 3, 32, 32)
+    videos, clips = local_reward_input("chunk", model, latents, whole, LATENT, ABC, 6, 12)
+    assert clips == [Clip(0, 21, "a, then b", (0, 9))]
+    assert videos.shape == (1, 21, 3, 32, 32)
+    torch.testing.assert_close(videos, _plain_decode(vae, latents[:, :, 6:12]))
+    # the causal VAE's earlier frames change the decode: the chunk alone is not the slice
+    assert not torch.allclose(videos[:, 1:], whole[:, 25:45], atol=1e-3)
+    videos, clips = local_reward_input("slice", model, latents, whole, LATENT, ABC, 6, 12)
+    assert videos is whole and clips == [Clip(21, 45, "a, then b", (0, 12))]
+    with pytest.raises(ValueError, match="'chunk' or 'slice', got 'half'"):
+        local_reward_input("half", model, latents, whole, LATENT, ABC, 6, 12)
+
+
+def test_local_reward_chunk_of_the_toy_decoder_is_its_slice():
+    """One latent frame per video frame (the toy): the chunk alone equals the slice."""
+    from kvpo.video_model import _toy_decode
+
+    model = VideoModel(None, None, _toy_decode, lambda f: f, (3, 4, 4))
+    latents = torch.rand(3, 3, 12, 4, 4) * 2 - 1
+    whole = _toy_decode(latents)
+    videos, clips = local_reward_input("chunk", model, latents, whole, LATENT, ABC, 6, 12)
+    assert clips == [Clip(0, 6, "a, then b", (0, 3))]
+    assert torch.equal(videos, whole[:, 6:12])
 
 
 def _windows(clips):

@@ -118,3 +118,19 @@ def test_validate_routing_that_cannot_fit():
     assert "switch_frame_indices [40] must be increasing block starts" in _problems(
         None, ["switch_frame_indices=40"]
     )
+
+
+def test_validate_gate_and_energy_keys():
+    text = _problems(
+        None,
+        ["min_update_entropy_ratio=1.5", "tve_step_weight=floored", "energy_blocks=window",
+         "protect_mode=mechanism_1"],
+    )  # fmt: skip
+    for expected in (
+        "min_update_entropy_ratio must be in [0, 1], got 1.5",
+        "tve_step_weight 'floored' needs tve_sigma_floor > 0, got 0.0",
+        "energy_blocks must be one of ('chunk', 'routed'), got 'window'",
+        "protect_mode must be one of ('gate', 'skip'), got 'mechanism_1'",
+    ):
+        assert expected in text, expected
+    validate(load_config(None, ["tve_step_weight=floored", "tve_sigma_floor=0.7"]))

@@ -29,6 +29,7 @@ F, T, SWITCHES = 3, 15, (6,)
 POLICY = CachePolicy(sink_size=1, local_attn_size=6, resident_frames=12, frames_per_block=F)
 GEOMETRY = RoutingGeometry(F, 1, 6, 12, 3, 2)  # m = 3, n_random = 2, P = 2 blocks
 SCHEDULE = FlowSchedule((1000, 500), shift=2.0)
+CTX_SIGMA = 0.25  # context passes read (1 - 0.25) x0 + 0.25 * the group's context noise
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,9 @@ def _stream(model, rows=4):
     """The generator under test: the model with a ``rows``-row cache (sampler rule x0)."""
     video_model = VideoModel(model, None, None, lambda f: f, (model.config.in_channels, 8, 8))
     layout = VideoLayout(T, SWITCHES)
-    return StreamingGenerator(video_model, POLICY, SCHEDULE, rule="x0", layout=layout, rows=rows)
+    return StreamingGenerator(
+        video_model, POLICY, SCHEDULE, rule="x0", layout=layout, rows=rows, context_sigma=CTX_SIGMA
+    )
 
 
 def _switches(texts, lo, hi):
@@ -85,7 +88,7 @@ def _reference_branch(model, texts, plan, noise, branch):
         out = generate(
             model, cache, rows, texts[0], noise.noise, sampler=FewStepSampler(SCHEDULE),
             renoise=noise.renoise, switches=_switches(texts, 0, T),
-            plans=plans, record=True,
+            plans=plans, record=True, context_noise=noise.context, context_sigma=CTX_SIGMA,
         )  # fmt: skip
     return out
 
@@ -124,8 +127,9 @@ def test_rollout_equals_branches_generated_alone(setup, row_batch, first_chunk):
     assert cache.held_bytes == 0
 
 
-def _reference_energy(model, texts, ro, branch, weights):
-    """fp64 energy of one branch, replayed in its own row rebuilt from the prefix."""
+def _reference_energy(model, texts, ro, branch, weights, eps):
+    """fp64 energy of one branch, replayed in its own row rebuilt from the prefix; context
+    passes read ``(1 - CTX_SIGMA) x0 + CTX_SIGMA * eps`` (``eps`` the group's context noise)."""
     S, sig = SCHEDULE.num_steps, SCHEDULE.sigmas()
     cache = _cache(model)
     (row,) = cache.new_rows(1)
@@ -138,7 +142,9 @@ def _reference_energy(model, texts, ro, branch, weights):
             if start in sw:
                 recache(model, cache, [row], prefix[:, :, :start], text, start)
             view = cache.view([row], start, F, write=True)
-            model.write_context(prefix[:, :, start : start + F], text, start, view)
+            x = prefix[:, :, start : start + F]
+            x = (1 - CTX_SIGMA) * x + CTX_SIGMA * eps[:, :, start : start + F]
+            model.write_context(x, text, start, view)
         if fork in sw:
             recache(model, cache, [row], prefix, sw[fork], fork)
         energy = torch.zeros((), dtype=torch.float64)
@@ -151,6 +157,7 @@ def _reference_energy(model, texts, ro, branch, weights):
                 diff = v.double() - ro.u[branch : branch + 1, b * S + s].double()
                 energy += float(weights[s]) * diff.pow(2).mean()
             x0 = z - float(sig[S - 1]) * v
+            x0 = (1 - CTX_SIGMA) * x0 + CTX_SIGMA * eps[:, :, start : start + F]
             model.write_context(x0, text, start, cache.view([row], start, F, write=True))
     return energy
 
@@ -162,13 +169,16 @@ def test_replay_energy_against_explicit_replay(setup):
         plan = _plan(first_chunk)
         stream = _stream(model)
         cache = stream.cache
+        noise = _noise(model)
         ro = rollout_group(
-            stream, texts, plan, _noise(model), policy_frames=plan.geometry.window_frames,
-            end_frame=T,
+            stream, texts, plan, noise, policy_frames=plan.geometry.window_frames, end_frame=T,
         )  # fmt: skip
+        assert torch.equal(ro.context_noise, noise.context)
         with torch.no_grad():
             energy = replay_energies(stream, ro, texts, weights, branches=[0, 1, 2], grad_steps=1)
-        expected = torch.stack([_reference_energy(model, texts, ro, g, weights) for g in range(3)])
+        expected = torch.stack(
+            [_reference_energy(model, texts, ro, g, weights, noise.context) for g in range(3)]
+        )
         torch.testing.assert_close(energy.double(), expected, rtol=1e-4, atol=1e-10)
         assert (energy > 0).all()
         # branch subsets give the same energies; with grad the first step carries the graph

@@ -38,6 +38,7 @@ and :mod:`.report` (mapping table and docs page).
 from kvpo.training.authors.keys import (
     LAUNCHER_SPELLINGS,
     MEMFLOW_ONLY,
+    TRAINER_ONLY,
     flatten,
     is_authors_format,
     pattern,
@@ -63,6 +64,7 @@ __all__ = [
     "NO_EFFECT",
     "RULES",
     "RULE_BY_KEY",
+    "TRAINER_ONLY",
     "Row",
     "Rule",
     "SCORERS",

@@ -1,5 +1,5 @@
-"""The keys of an authors' file: their dotted spelling, which of them only MemFlow's file or the
-launcher has, the test for the authors' format and the error for a key no one has."""
+"""The keys of an authors' file: their dotted spelling, which of them only MemFlow's file, the
+launcher or the trainer has, the test for the authors' format and the error for a key no one has."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ MEMFLOW_MODEL = ("model_kwargs.bank_size", "model_kwargs.record_interval", "mode
 """Keys that make a file MemFlow's (where their trainers' defaults differ)."""
 LAUNCHER_SPELLINGS = frozenset(f"{NODES}{ALIAS}.{k}" for k in ("host", "hostname", "port", "user"))
 """Keys neither file has that the authors' multi-node launcher reads as well."""
+TRAINER_ONLY = frozenset({"recache_full_kv_cache_after_switch"})
+"""Keys neither file has that the authors' trainer reads (``getattr`` with a default)."""
 
 
 def pattern(key: str) -> str:
@@ -34,6 +36,8 @@ def files(key: str) -> str:
     """Which of the authors' files have ``key`` (the *file* column of the docs' table)."""
     if key in MEMFLOW_ONLY:
         return "MemFlow"
+    if key in TRAINER_ONLY:
+        return "(trainer)"
     return "(launcher)" if key in LAUNCHER_SPELLINGS else "both"
 
 

@@ -27,24 +27,18 @@ def translate_model(t: Translator) -> None:
         "model_kwargs.sink_size",
         "slice_last_frames",
         "context_noise",
+        "recache_full_kv_cache_after_switch",
     )
-    t.not_implemented(
-        "model_kwargs.bank_size",
-        False,
-        f"MemFlow's model attends to a memory bank of {t.get('model_kwargs.bank_size')} frames "
-        "between the sink and the local window; this project's causal model keeps LongLive's "
-        "sink + window cache, so the MemFlow checkpoint runs without its bank",
-    )
-    t.not_implemented(
-        "model_kwargs.record_interval",
-        False,
-        f"MemFlow writes a block into its memory bank every "
-        f"{t.get('model_kwargs.record_interval')} blocks (no bank here)",
-    )
+    if t.has("model_kwargs.bank_size") or t.has("model_kwargs.record_interval"):
+        bank_keys = [k for k in ("model_kwargs.bank_size", "model_kwargs.record_interval")
+                     if t.has(k)]  # fmt: skip
+        t.copy(*bank_keys)
+        t.set("routing_rule", "memflow", bank_keys[0])  # their MemFlow pipeline's routing
     t.not_implemented(
         "model_kwargs.SMA",
         t.get("model_kwargs.SMA") is None or not t.value("model_kwargs.SMA"),
-        "MemFlow's sparse memory activation attends to the top-3 bank frames per query",
+        "MemFlow's sparse memory activation attends, per head, to the top-3 of the sink and "
+        "bank frames for the block's mean query; here the whole bank is attended",
     )
 
 

@@ -102,11 +102,11 @@ def markdown() -> str:
         "| `eval_prompts: world_size` | `eval_prompts` = `num_gpus`, `eval_seeds` = 1 | 8 |",
         "| `switch_frame_indices` with `align_switch_to_chunk` | moved to chunk starts | "
         "39, 75, 111 (already chunk starts) |",
-        "| `policy_window_frames`, `policy_window_multiple` | `policy_window_frames` (0 = the "
-        "routed window) | 0, 1.0 -> 0 |",
+        "| `policy_window_frames`, `policy_window_multiple` | no effect: the energy sums the fork "
+        "chunk's blocks from the fork on (`energy_blocks: chunk`) | 0, 1.0 |",
         "| `log_prob_sigma_floor` f | `tve_step_weight` sigma2, `tau` = 2 f^2 (f >= every "
-        "step's sigma) | 1.0 -> sigma2, tau 2 |",
-        "| `per_step_protect_mode` | `gated_scale` | mechanism_2 -> 0.5 |",
+        "step's sigma; uniform below, floored between) | 1.0 -> sigma2, tau 2 |",
+        "| `per_step_protect_mode` | `protect_mode`, `gated_scale` | mechanism_2 -> gate, 0.5 |",
         "| `branch_backward_chunk_size` | `row_micro_batch` (0 -> auto) | LongLive 0 -> auto, "
         "MemFlow 4 |",
         "| `adapter.alpha` | `adapter.alpha`, `lora_ckpt_alpha` | 256 |",
@@ -117,6 +117,8 @@ def markdown() -> str:
         "anchor slot has logit 0 beside the branches' log-softmax, so pi_anchor = 1 / (1 + 1) and",
         "the loss of a group where no branch beats the anchor on either signal is scaled by 1/2",
         "(`gated_scale` 0.5); with `min_update_entropy_ratio: 0` their entropy skip never fires.",
+        "`mechanism_1` is `protect_mode: skip` (zero loss, the update skipped when no rank has a",
+        "branch beating the anchor).",
         "",
         "Settings their code fixes without a key, set by the translation (a key of this",
         "project's config in the file or on the command line changes them):",
@@ -137,7 +139,8 @@ def markdown() -> str:
         f"{counts[NOT_IMPLEMENTED]} {NOT_IMPLEMENTED}. `{ALIAS}` stands for a node name of",
         "their multi-node launcher (`node0`, `node1` in their files; `host`, `hostname`, `port`",
         "and `user` are that launcher's spellings of the ssh keys, in neither file). *File*: the",
-        "files that have the key (MemFlow: only `train_kvpo_memflow.yaml`). *Default* is the",
+        "files that have the key (MemFlow: only `train_kvpo_memflow.yaml`; (trainer): neither,",
+        "their trainer reads it with a default). *Default* is the",
         "value their code uses when the key is absent, which the translation uses too",
         "(*required*: their code stops without it; this project's default stays).",
         "",
@@ -154,9 +157,9 @@ def markdown() -> str:
         "",
         "- Their first training step at LR 0 (the warmup here runs one step ahead) and, with",
         "  mechanism_1, the skipped optimizer step.",
-        "- MemFlow's memory bank (`model_kwargs.bank_size`, `record_interval`, `SMA`),",
-        "  `use_raw_weighted_reward_advantage`, separate `eval_reward_components`, scoring both",
-        "  the online and the EMA weights in one evaluation.",
+        "- MemFlow's sparse memory activation (`model_kwargs.SMA: true`), separate",
+        "  `eval_reward_components`, scoring both the online and the EMA weights in one",
+        "  evaluation.",
         "- Keys of their `configs/default_config.yaml` (merged under their files) that the two",
         "  training files do not set are unknown keys here.",
     ]

@@ -94,18 +94,19 @@ RULES: tuple[Rule, ...] = (
          "model_kwargs.timestep_shift", 8.0, parse=values.number),
     Rule("model_kwargs.sink_size", MAPPED, "first frames kept in the cache (attention sink)",
          "model_kwargs.sink_size", 0, parse=values.integer),
-    Rule("model_kwargs.bank_size", NOT_IMPLEMENTED,
-         "MemFlow: a memory bank of bank_size frames of compressed K/V from earlier blocks, "
-         "attended between the sink and the local window",
-         "not implemented here: the causal model keeps LongLive's sink + window cache, so a "
-         "MemFlow checkpoint runs without its memory bank (printed whenever set)"),
-    Rule("model_kwargs.record_interval", NOT_IMPLEMENTED,
-         "MemFlow: blocks between two writes into the memory bank",
-         "not implemented here (no memory bank; printed whenever set)"),
+    Rule("model_kwargs.bank_size", MAPPED,
+         "MemFlow: a memory bank of bank_size frames of K/V per layer, refreshed by saliency "
+         "to the prompt, attended besides the sink and the local window",
+         "model_kwargs.bank_size (and routing_rule = 'memflow': their file's routing)", None,
+         parse=values.integer),
+    Rule("model_kwargs.record_interval", MAPPED,
+         "MemFlow: every record_interval blocks a block's first frame enters the bank",
+         "model_kwargs.record_interval", None, parse=values.integer),
     Rule("model_kwargs.SMA", NOT_IMPLEMENTED,
-         "MemFlow sparse memory activation: a block attends to the top-3 bank frames for its "
-         "query instead of the whole bank",
-         "not implemented here (no memory bank); false does nothing", parse=values.boolean),
+         "MemFlow sparse memory activation: a block attends to the top-3 sink and bank frames "
+         "per head for its mean query instead of the whole bank",
+         "not implemented here (the whole bank is attended); false does nothing",
+         parse=values.boolean),
     # ---- streaming
     Rule("streaming_chunk_size", MAPPED, "frames of the first streaming chunk",
          "streaming_chunk_size", REQUIRED, parse=values.integer),
@@ -117,7 +118,12 @@ RULES: tuple[Rule, ...] = (
          "the cache holds local_attn_size + slice_last_frames frames (older frames to route)",
          "slice_last_frames", 21, parse=values.integer),
     Rule("context_noise", MAPPED, "timestep of the context pass that writes a block's K/V",
-         "context_noise", 0, parse=values.integer),
+         "context_noise (the input noised by their scheduler's add_noise at it: "
+         "context_add_noise true)", 0, parse=values.integer),
+    Rule("recache_full_kv_cache_after_switch", MAPPED,
+         "at a prompt switch, re-encodes the whole KV cache (local_attn_size + "
+         "slice_last_frames frames, in passes of 21) instead of the last local_attn_size",
+         "recache_full_kv_cache_after_switch", False, parse=values.boolean),
     # ---- prompts
     Rule("data_path", MAPPED,
          "prompt file: formatted .txt ('n,[segment],[segment]') or .jsonl ('prompts' lists); "
@@ -175,14 +181,17 @@ RULES: tuple[Rule, ...] = (
          "kl_loss_mode=try_kl only: denoising steps of the anchor replay that carry gradient",
          "anchor_grad_steps (no effect unless kl_loss_mode is try_kl)", 4,
          parse=values.integer),
-    Rule("policy_window_frames", MAPPED,
-         "latent frames after the fork whose replay forms pi; 0 = P x F x "
-         "policy_window_multiple; at least P x F, rounded up to whole blocks",
-         "policy_window_frames, resolved with policy_window_multiple (0 when it is the routed "
-         "window)", 0, parse=values.integer),
-    Rule("policy_window_multiple", MAPPED,
+    Rule("policy_window_frames", NO_EFFECT,
+         "latent frames after the fork of their policy window (0 = P x F x "
+         "policy_window_multiple; at least P x F, whole blocks): sizes the try_kl anchor replay "
+         "and a target tensor; the energy sums every block of the fork chunk from the fork on "
+         "whatever its value",
+         "no effect here: the energy blocks are theirs whatever the window (energy_blocks = "
+         "'chunk', the default here)",
+         0, parse=values.integer),
+    Rule("policy_window_multiple", NO_EFFECT,
          "policy window = round(P x F x multiple) frames when policy_window_frames is 0",
-         "folded into policy_window_frames", 2.0, parse=values.number),
+         "no effect here (as policy_window_frames)", 2.0, parse=values.number),
     Rule("advantage_fusion_mode", MAPPED, "per-signal scaling before fusion (std, zscore, none)",
          "advantage_fusion_mode", "std", parse=values.lowered),
     Rule("advantage_fusion_local_weight", MAPPED, "weight of the local advantage",
@@ -200,19 +209,22 @@ RULES: tuple[Rule, ...] = (
     Rule("log_prob_sigma_floor", MAPPED,
          "log p = -||x0 - x0_theta||^2 / (2 max(sigma, floor)^2) per step",
          "tve_step_weight and tau: floor >= every step's sigma -> sigma2 and tau = 2 floor^2; "
-         "floor <= every sigma -> uniform and tau = 2; in between not expressible (printed)",
+         "floor <= every sigma -> uniform and tau = 2; in between -> floored (w_s = sigma^2 / "
+         "max(sigma, floor)^2), tve_sigma_floor = floor and tau = 2",
          1.0, parse=values.number),
     Rule("per_step_protect_mode", MAPPED,
          "when no branch beats the anchor on a signal's raw reward: mechanism_1 zeroes the "
          "loss (and skips the optimizer step when no rank has such a branch); mechanism_2 "
          "adds an anchor slot of logit 0 to the branch softmax and scales the loss by "
          "1 - pi_anchor = 1/2",
-         "gated_scale: mechanism_2 -> 0.5 (exact); mechanism_1 -> 0.0 (the skipped step is "
-         "not reproduced: printed)", "mechanism_1", parse=values.lowered),
-    Rule("min_update_entropy_ratio", NOT_IMPLEMENTED,
-         "mechanism_2: skips the update when the branch policy's entropy exceeds "
-         "(1 - ratio) ln G",
-         "not implemented here; 0 does nothing", 0.0, parse=values.number),
+         "protect_mode: mechanism_2 -> 'gate' with gated_scale 0.5; mechanism_1 -> 'skip' "
+         "(zero loss, the update skipped when no rank has a better branch)", "mechanism_1",
+         parse=values.lowered),
+    Rule("min_update_entropy_ratio", MAPPED,
+         "mechanism_2: skips the update on every rank when on some rank the branch policy's "
+         "entropy (anchor slot included) exceeds (1 - ratio) ln G",
+         "min_update_entropy_ratio (protect_mode 'gate'); no effect with mechanism_1", 0.0,
+         parse=values.number),
     Rule("ppo_epochs", MAPPED, "updates per rollout", "ppo_epochs", 3, parse=values.integer),
     Rule("clip_range", MAPPED,
          "symmetric ratio clip, the fallback of clip_range_low and clip_range_high",
@@ -296,10 +308,10 @@ RULES: tuple[Rule, ...] = (
          "weighted and summed",
          "reward_components, and reward_model = the scorer registered here that returns them "
          "(video_hpsv3 for both files)", REQUIRED, parse=values.components),
-    Rule("use_raw_weighted_reward_advantage", NOT_IMPLEMENTED,
+    Rule("use_raw_weighted_reward_advantage", MAPPED,
          "true: one advantage per signal from the weighted sum of raw rewards instead of the "
          "weighted sum of per-component advantages",
-         "not implemented here; false (their default) does nothing", False, parse=values.boolean),
+         "use_raw_weighted_reward_advantage", False, parse=values.boolean),
     Rule("eval_reward_components", NOT_IMPLEMENTED,
          "scorers of the held-out evaluation (absent: reward_components)",
          "not implemented here: held-out evaluation scores reward_components; the same list "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvpo.training.authors.keys import MEMFLOW_MODEL
-from kvpo.training.authors.rules import NOT_IMPLEMENTED
+from kvpo.training.authors.rules import NO_EFFECT
 from kvpo.training.authors.translation import Translator
 from kvpo.training.authors.values import choice, integer
 from kvpo.training.config import ConfigError
@@ -46,37 +46,26 @@ def translate_policy(t: Translator) -> None:
     choice(t.value("policy_log_prob_mode"), "policy_log_prob_mode", POLICY_MODES, accepts)
     t.row("policy_log_prob_mode", "the TVE policy (the only one here)")
     t.copy("log_prob_grad_steps")
-    _policy_window(t)
     _sigma_floor(t)
     protect = choice(t.value("per_step_protect_mode"), "per_step_protect_mode", PROTECT_MODES)
     if protect == "mechanism_2":
+        t.set("protect_mode", "gate", "per_step_protect_mode")
         t.set("gated_scale", 0.5, "per_step_protect_mode")
         t.row(
             "per_step_protect_mode",
-            "gated_scale = 0.5 (their 1 - pi_anchor with an anchor logit of 0 beside the branch "
-            "log-softmax: exactly 1/2)",
+            "protect_mode = 'gate', gated_scale = 0.5 (their 1 - pi_anchor with an anchor logit "
+            "of 0 beside the branch log-softmax: exactly 1/2)",
         )
-        ratio = t.value("min_update_entropy_ratio")
-        t.not_implemented(
-            "min_update_entropy_ratio",
-            ratio <= 0,
-            f"their run skips the update when the branch policy's entropy exceeds "
-            f"(1 - {ratio:g}) ln K",
-        )
+        t.copy("min_update_entropy_ratio")
     else:
-        t.set("gated_scale", 0.0, "per_step_protect_mode")
-        t.row("per_step_protect_mode", "gated_scale = 0.0 (not exact: printed)")
-        t.inexact(
+        t.set("protect_mode", "skip", "per_step_protect_mode")
+        t.row(
             "per_step_protect_mode",
-            "gated_scale=0.0",
-            "their run also skips the optimizer step when no rank has a branch beating the anchor "
-            "(AdamW moments, weight decay and EMA do not move); here that step runs with a zero "
-            "loss",
+            "protect_mode = 'skip' (zero loss where no branch beats the anchor; the update is "
+            "skipped when no rank has one)",
         )
         if t.has("min_update_entropy_ratio"):
-            t.row(
-                "min_update_entropy_ratio", "no effect: read by mechanism_2 only", NOT_IMPLEMENTED
-            )
+            t.row("min_update_entropy_ratio", "no effect here: read by mechanism_2 only", NO_EFFECT)
     t.copy("ppo_epochs")
     t.fallback("clip_range", "clip_range_low", "clip_range_high")
     t.copy("kl_coef")
@@ -91,32 +80,6 @@ def translate_policy(t: Translator) -> None:
     t.copy("kl_reference_initial")
 
 
-def _policy_window(t: Translator) -> None:
-    """Their window: ``policy_window_frames`` or round(P F multiple), at least P F, rounded up
-    to whole blocks; here 0 stands for the routed window (P F frames)."""
-    frames = t.value("policy_window_frames")
-    multiple = t.value("policy_window_multiple")
-    block = t.values.get("num_frame_per_block") or 3
-    routed = (t.values.get("perturb_num_blocks") or 3) * block
-    requested = frames if frames > 0 else int(round(routed * multiple))
-    resolved = -(-max(requested, routed) // block) * block
-    ours = 0 if resolved == routed else resolved
-    t.set("policy_window_frames", ours, "policy_window_frames")
-    how = "the routed window" if ours == 0 else f"{resolved} frames"
-    t.row(
-        "policy_window_frames",
-        f"policy_window_frames = {ours} ({how}: {resolved} frames, P x F = {routed})",
-    )
-    if frames > 0:
-        t.row("policy_window_multiple", "no effect: policy_window_frames is set")
-    else:
-        t.row(
-            "policy_window_multiple",
-            f"policy_window_frames = {ours} (round({routed} x {multiple:g}) = {requested} frames, "
-            f"at least {routed}, whole blocks)",
-        )
-
-
 def sigmas(steps: list[int], shift: float, warp: bool) -> list[float]:
     """Noise levels of the steps (docs/method.md section 1)."""
     out = []
@@ -127,7 +90,9 @@ def sigmas(steps: list[int], shift: float, warp: bool) -> list[float]:
 
 
 def _sigma_floor(t: Translator) -> None:
-    """Their per-step weight sigma^2 / max(sigma, floor)^2 as ``tve_step_weight`` and ``tau``."""
+    """Their per-step weight ``sigma^2 / max(sigma, floor)^2`` on the velocity error, with their
+    ``-1/2``: ``tve_step_weight`` and ``tau`` (``sigma2`` with ``tau = 2 floor^2`` when the floor is
+    above every step's sigma, ``uniform`` when below, ``floored`` in between)."""
     key = "log_prob_sigma_floor"
     floor = t.value(key)
     steps = t.values.get("denoising_step_list") or [1000, 750, 500, 250]
@@ -139,16 +104,12 @@ def _sigma_floor(t: Translator) -> None:
     elif floor <= min(sig):
         weight, tau = "uniform", 2.0
     else:
-        weight, tau = "sigma2", 2 * floor**2
-        t.note(
-            key,
-            "not expressible here: their per-step weight is sigma^2 / max(sigma, floor)^2 on the "
-            f"velocity error, between the step sigmas {rounded}; tve_step_weight=sigma2 with "
-            f"tau={tau:g} is used instead (exact for the steps below the floor)",
-        )
+        weight, tau = "floored", 2.0
+        t.set("tve_sigma_floor", floor, key)
     t.set("tve_step_weight", weight, key)
     t.set("tau", tau, key)
-    t.row(key, f"tve_step_weight = {weight!r}, tau = {tau!r} (step sigmas {rounded})")
+    floored = f", tve_sigma_floor = {floor!r}" if weight == "floored" else ""
+    t.row(key, f"tve_step_weight = {weight!r}{floored}, tau = {tau!r} (step sigmas {rounded})")
 
 
 def translate_rewards(t: Translator) -> None:
@@ -172,12 +133,7 @@ def translate_rewards(t: Translator) -> None:
                 f"not implemented here: no scorer registered here returns all of {names}; "
                 "register one that does (kvpo.rewards.register_reward) and set reward_model to it",
             )
-    t.not_implemented(
-        "use_raw_weighted_reward_advantage",
-        not t.value("use_raw_weighted_reward_advantage"),
-        "their run computes one advantage per signal from the weighted sum of the raw rewards "
-        "instead of summing weighted per-component advantages",
-    )
+    t.copy("use_raw_weighted_reward_advantage")
     evals = t.value("eval_reward_components")
     t.not_implemented(
         "eval_reward_components",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvpo.models import CachePolicy, FrameCache, generate, recache
+from kvpo.models import CachePolicy, FrameCache, generate
 from tests.kvpo.models.reference import block_of, masked_forward, random_model
 
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -124,60 +124,6 @@ def _served_kv(cache, row, frames, layer):
     view = cache.view([row], max(frames) + 1, FPB, plans=[list(frames)])
     pages = cache.store.kv_pages(layer)[view.page_table[0, : len(frames)].long()]
     return pages[:, 0].flatten(0, 1), pages[:, 1].flatten(0, 1)
-
-
-def test_recache_equals_reencoding_the_window_from_scratch():
-    model = random_model()
-    policy = CachePolicy(sink_size=2, local_attn_size=6, resident_frames=12, frames_per_block=FPB)
-    switch, frames = 10, 12
-    noise, renoise = _noise(1, frames, seed=5)
-    old, new = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
-    cache = FrameCache.create(model.config, policy, num_pages=64)
-    (row,) = cache.new_rows(1)
-    with torch.no_grad():
-        gen = generate(
-            model,
-            cache,
-            [row],
-            model.encode_text(old),
-            noise[:, :, :switch],
-            renoise=renoise[:, :, :, :switch],
-        )
-        sink_before = [_served_kv(cache, row, [0, 1], layer) for layer in range(2)]
-        window = recache(model, cache, [row], gen.latents, model.encode_text(new), switch)
-    assert list(window) == list(range(4, 10))
-
-    # the oracle: diffusers over frames [0, 10) with the new prompt, the window block-causal among
-    # itself (frames before it only attend to themselves and are not compared), at t = 0
-    def attends(q):
-        return list(range(4, block_of(q, FPB)[-1] + 1)) if q >= 4 else [q]
-
-    _, records = masked_forward(
-        model, gen.latents, torch.zeros(1, switch), new, attends, record=True
-    )
-    per_frame = model.config.tokens_per_frame
-    for layer, (k_ref, v_ref) in enumerate(records):
-        k, v = _served_kv(cache, row, list(window), layer)
-        torch.testing.assert_close(k, k_ref[0, 4 * per_frame :], **TOL)
-        torch.testing.assert_close(v, v_ref[0, 4 * per_frame :], **TOL)
-        k_sink, v_sink = _served_kv(cache, row, [0, 1], layer)
-        assert torch.equal(k_sink, sink_before[layer][0]) and torch.equal(
-            v_sink, sink_before[layer][1]
-        )
-    # generation continues after the switch through generate(switches=...), same result
-    cache2 = FrameCache.create(model.config, policy, num_pages=64)
-    (row2,) = cache2.new_rows(1)
-    with torch.no_grad():
-        both = generate(
-            model, cache2, [row2], model.encode_text(old), noise, renoise=renoise,
-            switches={switch: model.encode_text(new)},
-        )  # fmt: skip
-        after = generate(
-            model, cache, [row], model.encode_text(new), noise[:, :, switch:],
-            renoise=renoise[:, :, :, switch:], start_frame=switch,
-        )  # fmt: skip
-    torch.testing.assert_close(both.latents[:, :, switch:], after.latents, **TOL)
-    assert cache.frames(row) == list(range(12))  # resident_frames = 12 keeps every frame
 
 
 def test_policy_windows_residency_and_recache_ranges():

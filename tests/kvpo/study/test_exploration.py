@@ -129,7 +129,8 @@ def test_branch_initial_noise_mixes_shared_and_own_noise(learner):
 @pytest.mark.parametrize("mode", ["noise_injection", "initial_noise"])
 def test_branch_equals_its_video_generated_alone(learner, mode):
     """Branch 1 of the forked, batched rollout = one row from frame 0 whose noise is written
-    out here: shared noise outside the fork chunk [6, 12), the branch's own inside."""
+    out here: shared noise outside the fork chunk [6, 12), the branch's own inside (the context
+    passes read the group's shared context noise)."""
     ro = _rollout(learner, mode)
     stream, g, cfg = learner.stream, 1, learner.cfg
     noise = stream.noise(group_seed(cfg.seed, STEP, 0))
@@ -149,10 +150,11 @@ def test_branch_equals_its_video_generated_alone(learner, mode):
                 stream.wan, stream.cache, rows, texts[0], init,
                 sampler=FewStepSampler(stream.schedule, rule=cfg.sampler_rule),
                 switches={f: texts[k + 1] for k, f in enumerate(cfg.switch_frames)},
-                inject=inject,
+                inject=inject, context_noise=noise.context, context_sigma=stream.context_sigma,
             )  # fmt: skip
     finally:
         stream.cache.free(rows)
+    assert stream.context_sigma > 0  # the authors' context pass (context_add_noise: true)
     torch.testing.assert_close(ro.latents[g], alone.latents[0], atol=1e-5, rtol=1e-5)
     assert not torch.equal(ro.latents[g, :, 9:12], ro.latents[cfg.K, :, 9:12])
 

@@ -1,0 +1,87 @@
+"""The memory-bank half of :class:`~kvpo.models.frame_cache.FrameCache` (MemFlow's bank,
+:mod:`kvpo.models.memory_bank`): refresh, record, page references and per-layer page tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvpo.models.memory_bank import BankState, frame_saliency, refresh_layer
+
+
+class BankedRows:
+    """Bank operations of a frame cache; the cache provides ``store``, ``policy`` and
+    ``_get(row)`` / ``_frame_pages(state)`` (rows with a ``bank``: :class:`BankState` or None)."""
+
+    @torch.no_grad()  # a discrete selection: the scores carry no gradient
+    def bank_refresh(self, rows: Sequence[int], text=None) -> None:
+        """MemFlow's refresh before a block's first denoising step (and in a recache): move each
+        row's pending frame into every layer's bank (:mod:`kvpo.models.memory_bank`).
+
+        Args:
+            text: the rows' prompts (a ``TextContext`` of 1 or ``len(rows)`` prompts) whose
+                cross-attention keys score the frames; None: the cleared query of a prompt
+                switch (the recache), which the row's next refresh sees too.
+        """
+        size = self.policy.bank_size
+        if size == 0:
+            return
+        rows = list(rows)
+        for i, row in enumerate(rows):
+            bank = self._get(row).bank
+            zero, bank.cleared = text is None or bank.cleared, text is None
+            if bank.records == 0:
+                continue
+            before = bank.pages()
+            for layer, slots in enumerate(bank.slots):
+                scores = None
+                if bank.records > size and not zero:
+                    text_k = text.for_rows(layer, len(rows))[0][i]
+                    pages = torch.tensor(slots, device=self.store.device)
+                    frame_k = self.store.kv_pages(layer)[pages, 0]
+                    scores = frame_saliency(text_k, frame_k)
+                bank.slots[layer] = refresh_layer(slots, bank.pending, bank.records, size, scores)
+            self._rehold(bank, before)
+
+    def bank_record(self, rows: Sequence[int], start_frame: int) -> None:
+        """After the context pass of the block at ``start_frame``: when the policy records this
+        block, its first frame becomes each row's pending bank frame (a page reference)."""
+        if not self.policy.records(start_frame):
+            return
+        for row in rows:
+            state = self._get(row)
+            page = self._frame_pages(state).get(start_frame)
+            if page is None:
+                raise IndexError(f"row {row} holds no frame {start_frame} to record in its bank")
+            before = state.bank.pages()
+            state.bank.pending, state.bank.records = page, state.bank.records + 1
+            state.bank.frames[page] = start_frame
+            self._rehold(state.bank, before)
+
+    def _new_bank(self) -> BankState | None:
+        return BankState.empty(self.store.num_layers) if self.policy.bank_size else None
+
+    def _rehold(self, bank: BankState, before: set[int]) -> None:
+        """Page references after a bank change: take the new pages', drop the old ones'."""
+        after = bank.pages()
+        self.store.allocator.share(sorted(after - before))
+        self.store.allocator.release(sorted(before - after))
+        bank.frames = {p: f for p, f in bank.frames.items() if p in after}
+
+    def _bank_tables(self, rows, tables, cuts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(page_table, ctx_lens)`` per layer with each row's bank pages inserted after the
+        plan's leading sink pages; one pair when every layer attends to the same pages."""
+        banks = [self._get(row).bank for row in rows]
+        layers = self.store.num_layers if any(b is not None for b in banks) else 1
+        per_layer = []
+        for layer in range(layers):
+            with_bank = []
+            for pages, cut, bank in zip(tables, cuts, banks):
+                slots = [] if bank is None else bank.slots[layer]
+                with_bank.append(pages[:cut] + slots + pages[cut:])
+            per_layer.append(with_bank)
+        if all(t == per_layer[0] for t in per_layer[1:]):
+            per_layer = per_layer[:1]
+        size = self.store.page_size  # frames are full pages
+        return [self.store.table_builder.build(t, [len(p) * size for p in t]) for t in per_layer]
