@@ -1,10 +1,11 @@
 """LoRA adapters through peft on the causal model's attention and feed-forward linears.
 
 Adapters live in ``model.transformer`` (diffusers' peft integration), named: ``"default"`` is the
-trainable policy; a frozen copy (``"old"``, :func:`freeze_copy`) serves as the old policy;
-:func:`adapters_disabled` gives the reference policy (the base weights). peft marks the active
-adapter trainable whenever adapters are switched; the context managers here restore every
-adapter's ``requires_grad`` on exit.
+trainable policy; frozen copies (:func:`freeze_copy`) serve as the old policy (``"old"``) and,
+when training continues a loaded LoRA, as the KL reference (``"ref"``, the initial LoRA);
+:func:`adapters_disabled` runs the base weights (the reference of a fresh or merged LoRA). peft
+marks the active adapter trainable whenever adapters are switched; the context managers here
+restore every adapter's ``requires_grad`` on exit.
 
 Cross-attention keys/values of encoded prompts (``CausalWan.encode_text``) depend on the
 ``attn2.to_k`` / ``attn2.to_v`` adapters: encode prompts again under each adapter state.
@@ -147,6 +148,11 @@ def active_adapter(model: CausalWan, adapter: str) -> Iterator[None]:
         _restore(model, flags)
 
 
+def adapter_scope(model: CausalWan, adapter: str | None):
+    """:func:`active_adapter` of ``adapter``, or :func:`adapters_disabled` when it is None."""
+    return active_adapter(model, adapter) if adapter else adapters_disabled(model)
+
+
 @contextmanager
 def adapters_disabled(model: CausalWan) -> Iterator[None]:
     """Run the base model without any adapter (the reference policy)."""
@@ -165,8 +171,10 @@ def import_lora(
     alpha: float | None = None,
     adapter: str = "default",
     key: str | None = None,
+    dropout: float = 0.0,
 ) -> int:
-    """Load an external LoRA checkpoint as adapter ``adapter`` (created when absent).
+    """Load an external LoRA checkpoint as adapter ``adapter`` (created when absent, with
+    ``dropout``).
 
     Args:
         source: a file or dict: peft weights in original Wan naming (LongLive / MemFlow:
@@ -203,7 +211,7 @@ def import_lora(
             f"{len(unknown)} LoRA target modules are not in the model: {unknown[:8]}"
         )
     if adapter not in adapters(model):
-        add_lora(model, rank, alpha, targets=modules, adapter=adapter)
+        add_lora(model, rank, alpha, targets=modules, dropout=dropout, adapter=adapter)
     load_lora_state_dict(model, weights, adapter)
     return rank
 

@@ -5,8 +5,9 @@ Everything here is counted from the models' shapes (no weights are read):
 - the causal Wan transformer (:class:`~kvpo.models.config.WanConfig`), in the run's dtype except
   the modules diffusers keeps in fp32 (time embedder, modulation tables, the affine norm);
 - the LoRA adapter: ``rank x (in + out)`` per wrapped linear, for the trainable adapter
-  (``default``) and its frozen copy (``old``); the reference policy is the base model with
-  adapters disabled, so no third copy exists (``kvpo.models.lora``);
+  (``default``), its frozen copy (``old``) and, for a run continuing ``lora_ckpt`` with
+  ``kl_reference_initial``, the frozen initial LoRA (``ref``; otherwise the reference is the
+  model with adapters disabled, no copy; ``kvpo.training.adapters``);
 - umT5-XXL (Wan's text encoder, encoder only), the Wan VAE, and the reward models by name:
   Qwen2-VL-7B (HPSv3), Qwen2-VL-2B (VideoAlign), RAFT (motion rewards). The formulas are checked
   against the transformers / diffusers / kvpo modules built on the meta device in

@@ -135,9 +135,17 @@ def plan_memory(cfg: TrainConfig, setup: Setup, row_micro_batch: int | None = No
     notes = list(setup.notes) + list(reward.notes)
 
     lora = lora_parameters(model, cfg.adapter.rank, _targets(cfg))
+    # frozen copies (kvpo.training.adapters): the old policy, and the initial LoRA of a run
+    # continuing lora_ckpt whose KL reference is the initial policy
+    initial = cfg.lora_ckpt is not None and cfg.lora_init == "continue" and cfg.kl_reference_initial
+    frozen = "old + initial copies" if initial else "old copy"
     resident = [
         Line("transformer weights", transformer_bytes(model, e), note=setup.model_note),
-        Line("LoRA adapters: trained + frozen old copy", 2 * lora * e, note=f"{lora:,} each"),
+        Line(
+            f"LoRA adapters: trained + frozen {frozen}",
+            (2 + initial) * lora * e,
+            note=f"{lora:,} each",
+        ),  # fmt: skip
         Line("LoRA gradients", lora * e),
         Line("AdamW moments (2 per parameter)", 2 * lora * e),
     ]

@@ -3,8 +3,9 @@
 A checkpoint is a directory ``<run>/checkpoints/step-000123/`` with two files:
 
 - ``tensors.safetensors``: the trainable (LoRA) weights ``policy.*``, the old policy's
-  ``old.*``, the EMA ``ema.*``, the optimizer's tensor state ``optim.<param>.<name>`` and the
-  torch RNG states ``rng.*`` (uint8).
+  ``old.*``, the frozen initial LoRA ``ref.*`` (a run continuing ``lora_ckpt``: the KL
+  reference; the KVPO authors' ``initial_generator_lora``), the EMA ``ema.*``, the optimizer's
+  tensor state ``optim.<param>.<name>`` and the torch RNG states ``rng.*`` (uint8).
 - ``state.json``: the step, the optimizer's param groups and scalar state, the LR scheduler,
   Python's and NumPy's RNG states and a free-form ``extra`` dict (the step counters).
 
@@ -34,7 +35,8 @@ LATEST = "latest"
 
 @dataclass
 class TrainingState:
-    """What a checkpoint holds. Tensor dicts map parameter names to fp32/bf16 tensors."""
+    """What a checkpoint holds. Tensor dicts map parameter names to fp32/bf16 tensors;
+    ``reference``: the initial LoRA's weights where the run holds them (else None)."""
 
     step: int
     policy: dict[str, torch.Tensor]
@@ -44,6 +46,7 @@ class TrainingState:
     scheduler: dict
     rng: dict
     extra: dict = field(default_factory=dict)
+    reference: dict[str, torch.Tensor] | None = None
 
 
 def capture_rng() -> dict:
@@ -117,6 +120,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainingState, keep_last: int = 
         **_prefixed("policy", state.policy),
         **_prefixed("old", state.old_policy),
         **_prefixed("ema", state.ema),
+        **_prefixed("ref", state.reference),
         **optim_tensors,
         "rng.torch": rng["torch"],
         **{f"rng.cuda.{i}": s for i, s in enumerate(rng["cuda"])},
@@ -125,6 +129,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainingState, keep_last: int = 
         "format": "kvpo-checkpoint-1",
         "step": state.step,
         "has_ema": state.ema is not None,
+        "has_reference": state.reference is not None,
         "optimizer": optim_meta,
         "scheduler": state.scheduler,
         "rng": {"numpy": rng["numpy"], "python": rng["python"], "cuda": len(rng["cuda"])},
@@ -204,6 +209,7 @@ def load_checkpoint(path: str | Path) -> TrainingState:
         scheduler=meta["scheduler"],
         rng=rng,
         extra=meta["extra"],
+        reference=_unprefixed("ref", tensors) if meta.get("has_reference") else None,
     )
 
 

@@ -98,6 +98,13 @@ class TrainConfig(TypedViews):
     lora_ckpt_alpha: float | None = _f(
         None, "alpha of lora_ckpt (scale alpha / rank); empty = its rank, as LongLive and MemFlow"
     )
+    lora_init: str = _f(
+        "continue",
+        "with lora_ckpt: 'continue' trains that LoRA (its rank/alpha must be adapter.*'s; KL "
+        "reference: a frozen copy of it), as the KVPO authors; 'merge' adds it to the frozen base "
+        "and trains a fresh adapter of adapter.rank on top (reference: adapters disabled)",
+        choices=("continue", "merge"),
+    )
     wan_model_path: str | None = _f(
         None,
         "Wan2.1 directory (diffusers layout: text_encoder/, tokenizer/, vae/) for a Wan "
@@ -271,8 +278,17 @@ class TrainConfig(TypedViews):
     clip_range_low: float = _f(0.1, "ratio clip below: 1 - clip_range_low")
     clip_range_high: float = _f(0.2, "ratio clip above: 1 + clip_range_high")
     log_ratio_clamp: float = _f(20.0, "clamp of the log ratio")
-    kl_coef: float = _f(10.0, "coefficient of the discrete KL to the reference policy")
+    kl_coef: float = _f(10.0, "coefficient of the KL-style penalty (kl_loss_mode)")
+    kl_loss_mode: str = _f(
+        "discrete_kl",
+        "'discrete_kl': KL(pi_theta || pi_ref) over the branch softmax; 'try_kl': the anchor "
+        "replayed from its noise under the current and the reference policy, mean x0 MSE",
+        choices=("discrete_kl", "try_kl"),
+    )
     kl_reference_initial: bool = _f(True, "KL reference: initial model (True) or old policy")
+    anchor_grad_steps: int = _f(
+        1, "try_kl: the first denoising steps of each anchor block that carry gradient"
+    )
     gated_scale: float = _f(0.5, "loss scale s of a group where no branch beats the anchor")
     protect_mode: str = _f(
         "gate",

@@ -74,7 +74,9 @@ class TypedViews:
         )
 
     def policy_config(self):
-        """:class:`~kvpo.method.policy.PolicyConfig`: every constant of the objective."""
+        """:class:`~kvpo.method.policy.PolicyConfig`: every constant of the objective (no
+        discrete KL under ``kl_loss_mode: try_kl``, whose penalty is
+        :mod:`kvpo.method.anchor_kl`)."""
         from kvpo.method.policy import PolicyConfig
 
         return PolicyConfig(
@@ -82,7 +84,7 @@ class TypedViews:
             clip_low=self.clip_range_low,
             clip_high=self.clip_range_high,
             log_ratio_clamp=self.log_ratio_clamp,
-            kl_coef=self.kl_coef,
+            kl_coef=self.kl_coef if self.kl_loss_mode == "discrete_kl" else 0.0,
             gated_scale=0.0 if self.protect_mode == "skip" else self.gated_scale,
             protect_mode=self.protect_mode,
             min_update_entropy_ratio=self.min_update_entropy_ratio,

@@ -10,8 +10,9 @@ Per step (one prompt group per rank):
 3. **rewards**: local (the forked chunk) and global (one clip per segment) for every row;
    **advantages** anchor-relative per component, fused and clipped
    (:mod:`kvpo.method.advantages`);
-4. **replay** of the branches under the unrouted context with the old and the reference
-   (adapters disabled) policy, once per rollout (:mod:`kvpo.method.replay`);
+4. **replay** of the branches under the unrouted context with the old and the reference policy
+   (:mod:`kvpo.training.adapters`), once per rollout (:mod:`kvpo.method.replay`); with
+   ``kl_loss_mode: try_kl`` the reference's replay of the anchor (:mod:`kvpo.method.anchor_kl`);
 5. ``ppo_epochs`` times: the current policy's replay with grad, the objective
    (:func:`kvpo.method.policy.policy_loss`) against the fixed old and reference energies,
    gradients averaged over ranks, grad-norm clip, AdamW, EMA (unless kvpo.training.gates skips);
@@ -36,24 +37,19 @@ import torch
 
 from kvpo.method import policy
 from kvpo.method.advantages import any_branch_beats_anchor, group_advantages
+from kvpo.method.anchor_kl import AnchorKL, AnchorReference
 from kvpo.method.exploration import branch_noise
 from kvpo.method.replay import replay_energies
 from kvpo.method.rollout import GroupRollout, rollout_group
 from kvpo.method.routing import RoutingPlan
 from kvpo.method.routing_memflow import plan_for_rule
-from kvpo.models.lora import (
-    active_adapter,
-    adapters_disabled,
-    add_lora,
-    freeze_copy,
-    lora_parameters,
-    merge_lora_into_base,
-)
+from kvpo.models.lora import active_adapter, adapter_scope, freeze_copy
 from kvpo.rewards.clips import global_clips, local_reward_input, score_clips
 from kvpo.streaming import branch_seed, group_seed, stream_from_config
+from kvpo.training.adapters import setup_adapters
 from kvpo.training.config import TrainConfig
 from kvpo.training.counters import Counters
-from kvpo.training.distributed import DistInfo, any_rank, average_gradients, broadcast_parameters
+from kvpo.training.distributed import DistInfo, any_rank, average_gradients
 from kvpo.training.gates import skip_update
 from kvpo.training.optim import EMA, build_optimizer, grad_norm
 from kvpo.training.phases import PhaseTimer
@@ -79,6 +75,7 @@ class GroupData:
     energy_old: torch.Tensor
     energy_ref: torch.Tensor
     record: dict
+    anchor: AnchorReference | None = None  # try_kl: the reference's replay of the anchor
 
 
 class Learner:
@@ -107,26 +104,18 @@ class Learner:
         self.weights = cfg.step_weights().to(self.device)
         self.video_layout = self.stream.layout.mapped(model.video_frame)  # decoded frames
         self.counters = Counters()
+        self.anchor_kl = AnchorKL.from_config(cfg, self.stream, self.kl_reference)  # try_kl
         self.last_latents: torch.Tensor | None = None  # [G + 1, C, T, H, W] of the last rollout
 
     # ------------------------------------------------------------------ setup
     def _setup_adapters(self) -> None:
         cfg = self.cfg
-        if cfg.lora_ckpt is not None:  # a starting LoRA becomes part of the frozen base
-            merge_lora_into_base(self.model, cfg.lora_ckpt, cfg.lora_ckpt_alpha)
-        targets = cfg.adapter.target_modules or None
-        kwargs = {"targets": targets} if targets else {}
-        add_lora(
-            self.model, cfg.adapter.rank, cfg.adapter.alpha, dropout=cfg.adapter.dropout, **kwargs
-        )
-        self.named_params = lora_parameters(self.model, "default")
+        adapters = setup_adapters(self.model, cfg, self.info)  # lora_ckpt, lora_init, adapter.*
+        self.named_params, self.kl_reference = adapters.params, adapters.kl_reference
         self.params = list(self.named_params.values())
-        broadcast_parameters(self.params, self.info)
-        freeze_copy(self.model, "default", "old")
-        betas = (cfg.beta1, cfg.beta2)
         # the schedule counts training steps (one scheduler step each, in end_rollout)
         self.optimizer, self.scheduler = build_optimizer(
-            self.params, cfg.lr, betas, cfg.weight_decay, cfg.lr_scheduler,
+            self.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.lr_scheduler,
             cfg.lr_warmup_steps, cfg.max_train_steps,
         )  # fmt: skip
         self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -209,9 +198,8 @@ class Learner:
                 out.append(None)
                 continue
             clip_videos, clips = inputs()
-            scores = score_clips(
-                self.reward, clip_videos, [clips] * (G + 1), cfg.reward_videos_per_call
-            )
+            per_call = cfg.reward_videos_per_call
+            scores = score_clips(self.reward, clip_videos, [clips] * (G + 1), per_call)
             out.append(
                 ({k: v[:G] for k, v in scores.items()}, {k: v[G] for k, v in scores.items()})
             )
@@ -221,9 +209,8 @@ class Learner:
         """Replay energies ``[len(branches)]`` under ``adapter`` (None: adapters disabled), in
         micro-batches of :attr:`rows_per_batch` branches (one batch when grad is enabled)."""
         cfg = self.cfg
-        scope = active_adapter(self.model, adapter) if adapter else adapters_disabled(self.model)
         step = len(branches) if torch.is_grad_enabled() else self.rows_per_batch
-        with scope:
+        with adapter_scope(self.model, adapter):
             texts = self.stream.segment_texts(prompts)
             return torch.cat(
                 [
@@ -288,13 +275,14 @@ class Learner:
             with timer("replay_old"), torch.no_grad():
                 e_old = self.energies(ro, prompts, branches, "old")
             with timer("replay_ref"), torch.no_grad():
-                use_ref = cfg.kl_coef > 0 and cfg.kl_reference_initial
-                e_ref = self.energies(ro, prompts, branches, None) if use_ref else e_old
+                ref = self.kl_reference if self.policy_config.kl_coef > 0 else "old"
+                e_ref = e_old if ref == "old" else self.energies(ro, prompts, branches, ref)
+                anchor = self.anchor_kl and self.anchor_kl.reference(ro, prompts, step, rank)
         except BaseException:
             self.cache.free([ro.snapshot])
             raise
         record = self._reward_metrics(local, global_, adv, ro)
-        return GroupData(ro, prompts, adv.final.to(self.device), safe, e_old, e_ref, record)
+        return GroupData(ro, prompts, adv.final.to(self.device), safe, e_old, e_ref, record, anchor)
 
     def objective(self, energy, data: GroupData) -> policy.PolicyLoss:
         return policy.policy_loss(
@@ -324,15 +312,22 @@ class Learner:
                     for i in range(0, G, chunk):
                         part = self.energies(ro, prompts, branches[i : i + chunk], "default")
                         (part * e_cur.grad[i : i + chunk]).sum().backward()
+            if self.anchor_kl is not None and not skip:  # try_kl, after the replay's backward
+                term, mse = self.anchor_kl.penalty(ro, prompts, data.anchor, data.beats_anchor)
+                skip = any_rank(not bool(torch.isfinite(term)), self.info)
+                if not skip:
+                    term.backward()
+                loss = out.diagnostics["loss"] + term.item()
+                out.diagnostics.update(anchor_mse=float(mse), loss=loss)
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
-            raise SkippedStep(f"non-finite loss {float(out.loss.detach())}")
+            raise SkippedStep(f"non-finite loss {out.diagnostics['loss']}")
         log_ratio = policy.branch_log_probs(e_cur.detach(), cfg.tau) - policy.branch_log_probs(
             data.energy_old, cfg.tau
         )
         first = self.counters.since_sync == 0
         return {
-            "loss": float(out.loss.detach()),
+            "loss": out.diagnostics["loss"],
             "energy/current": e_cur.detach(),
             "energy/old": data.energy_old,
             "energy/ref": data.energy_ref,

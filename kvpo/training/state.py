@@ -1,6 +1,7 @@
 """A trainer's resumable state <-> :class:`~kvpo.training.checkpoint.TrainingState`.
 
-Saved: the policy adapter (``"default"``), the old-policy adapter (``"old"``), the EMA, AdamW and
+Saved: the policy adapter (``"default"``), the old-policy adapter (``"old"``), the initial LoRA
+(``"ref"``, where a run continuing ``lora_ckpt`` holds it), the EMA, AdamW and
 the LR schedule, the counters (:class:`~kvpo.training.learner.Counters`: training steps, rollouts,
 rollouts since the last sync, skips), and rank 0's global RNG states. Every random draw of a
 rollout (routing plan, prompts, noise) is seeded by ``(seed, rollout index, rank)``, so a resumed
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from kvpo.models.lora import lora_parameters
+from kvpo.models.lora import adapters, lora_parameters
+from kvpo.training.adapters import REFERENCE
 from kvpo.training.checkpoint import TrainingState, load_checkpoint, restore_rng, save_checkpoint
 
 
@@ -35,6 +37,7 @@ def save_state(trainer, run_dir: str | Path, rng: dict, write: bool = True) -> P
         scheduler=trainer.scheduler.state_dict(),
         rng=rng,
         extra={"counters": dataclasses.asdict(trainer.counters)},
+        reference=_named(trainer, REFERENCE) if REFERENCE in adapters(trainer.model) else None,
     )
     return save_checkpoint(run_dir, state)
 
@@ -48,7 +51,15 @@ def load_state(trainer, path: str | Path) -> None:
             "rollouts and its LR schedule was stepped per update): it cannot resume exactly; "
             "start a new run (lora_ckpt=<run>/adapter/adapter_model.safetensors keeps its weights)"
         )
-    for adapter, weights in (("default", state.policy), ("old", state.old_policy)):
+    has_reference = REFERENCE in adapters(trainer.model)
+    if has_reference != (state.reference is not None):
+        raise ValueError(
+            f"checkpoint {path} {'holds' if state.reference is not None else 'has no'} an initial "
+            f"LoRA (a run continuing lora_ckpt), the model {'has' if has_reference else 'has not'}"
+            ": resume with the run's lora_ckpt, lora_init and kl_reference_initial"
+        )
+    saved = [("default", state.policy), ("old", state.old_policy)]
+    for adapter, weights in saved + ([(REFERENCE, state.reference)] if has_reference else []):
         params = lora_parameters(trainer.model, adapter)
         if set(params) != set(weights):
             raise ValueError(

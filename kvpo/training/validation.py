@@ -84,6 +84,10 @@ def _ranges(cfg: TrainConfig) -> list[str]:
         0 <= cfg.log_prob_grad_steps <= len(steps),
         f"log_prob_grad_steps must be in [0, {len(steps)}], got {cfg.log_prob_grad_steps}",
     )
+    need(
+        1 <= cfg.anchor_grad_steps <= len(steps),
+        f"anchor_grad_steps must be in [1, {len(steps)}], got {cfg.anchor_grad_steps}",
+    )
     names = [c.name for c in cfg.reward_components]
     need(bool(names), "reward_components is empty: KVPO needs at least one weighted reward")
     need(len(set(names)) == len(names), f"reward_components names repeat: {names}")

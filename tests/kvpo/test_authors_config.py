@@ -51,8 +51,6 @@ MULTINODE = [
     "multinode.nodes.node1.ssh_port", "multinode.nodes.node1.ssh_user",
     "multinode.master", "multinode.workers",
 ]  # fmt: skip
-# keys whose behaviour is not implemented here but whose value in the files does nothing
-SILENT = ["anchor_grad_steps"]
 
 
 def _raw(path):
@@ -122,9 +120,12 @@ def test_longlive_loads_with_their_values(capsys):
     assert cfg.wan_model_path == "wan_models/Wan2.1-T2V-1.3B"
     assert (cfg.prompt_min_segments, cfg.prompt_max_segments, cfg.prompt_order) == (4, 4, "sweep")
     assert capsys.readouterr().err.startswith(
-        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 76 mapped, "
-        "23 no effect here, 1 not implemented here"
+        f"authors' config {LONGLIVE}: the KVPO authors' format, translated: 77 mapped, "
+        "23 no effect here, 0 not implemented here"
     )
+    # their trainer keeps training the loaded LoRA; try_kl is off, its M is theirs
+    assert cfg.lora_init == "continue"
+    assert (cfg.kl_loss_mode, cfg.anchor_grad_steps) == ("discrete_kl", 1)
 
 
 def test_memflow_loads_with_their_values(capsys):
@@ -138,7 +139,7 @@ def test_memflow_loads_with_their_values(capsys):
     assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
     assert (cfg.adapter.rank, cfg.adapter.alpha) == (256, 256.0)
     first = capsys.readouterr().err.splitlines()[0]
-    assert "78 mapped, 25 no effect here, 2 not implemented here" in first
+    assert "79 mapped, 25 no effect here, 1 not implemented here" in first
     # the rest as LongLive's file: the two files differ in these keys only
     longlive = load_config(LONGLIVE)
     differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
@@ -184,7 +185,7 @@ def test_every_key_of_both_files_is_in_the_table():
 
 def test_rule_categories():
     counts = authors.rule_counts()
-    assert counts == {MAPPED: 79, NO_EFFECT: 26, NOT_IMPLEMENTED: 2}
+    assert counts == {MAPPED: 80, NO_EFFECT: 26, NOT_IMPLEMENTED: 1}
     for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master",
                 "policy_window_frames", "policy_window_multiple"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
@@ -213,22 +214,22 @@ def test_no_effect_keys_print_one_line_each(capsys):
     assert len(group) == 1 and all(key in group[0] for key in MULTINODE)
     assert "no effect here: the multi-node launcher's ssh targets" in group[0]
     # not implemented with a value that does something: one line each; no-op values: none
-    for key in [*SILENT, "model_kwargs.SMA", "model_kwargs.bank_size",
+    for key in ["model_kwargs.SMA", "model_kwargs.bank_size",
                 "model_kwargs.record_interval"]:  # fmt: skip
         assert not any(line.startswith(f"{key}: ") for line in lines), key
     # mapped keys print only where the conversion is not exact
     printed = {line.split(":", 1)[0] for line in lines}
     assert printed & {r.key for r in RULES if r.kind == MAPPED} == {
-        "lora_ckpt", "lr_warmup_steps", "ema_decay", "eval_prompts",
+        "lr_warmup_steps", "ema_decay", "eval_prompts",
     }  # fmt: skip
-    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 4
+    n_lines = len(NO_EFFECT_MEMFLOW) + 1 + 3
     assert len(lines) == n_lines
 
 
 def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsys):
     data = _raw(LONGLIVE)
     data.update(
-        kl_loss_mode="try_kl", use_raw_weighted_reward_advantage=True, global_sink=False,
+        use_raw_weighted_reward_advantage=True, global_sink=False,
         min_update_entropy_ratio=0.1, long_reward_normal_weight=0.0, last_step_only=False,
         eval_reward_components=[{"name": "video_hpsv3", "weight": 1.0},
                                 {"name": "videoalign_ta", "weight": 1.0}],
@@ -237,8 +238,6 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
     cfg = load_config(_write(tmp_path, data))
     lines = _lines(capsys.readouterr().err)
     for key, text in (
-        ("kl_loss_mode", "not implemented here: their try_kl replays the anchor"),
-        ("anchor_grad_steps", "back-propagates through the first 1 denoising steps"),
         ("global_sink", "re-encodes the sink with the new prompt"),
         ("long_reward_normal_weight", "makes their global reward 0"),
         (
@@ -254,6 +253,21 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
     # implemented: mapped, silent
     assert cfg.use_raw_weighted_reward_advantage and cfg.min_update_entropy_ratio == 0.1
     assert not any(line.startswith(("use_raw_weighted", "min_update_entropy")) for line in lines)
+
+
+def test_try_kl_maps_onto_the_anchor_penalty(tmp_path, capsys):
+    """LongLive's trainer implements try_kl (kvpo.method.anchor_kl); MemFlow's rejects it."""
+    data = _raw(LONGLIVE)
+    data.update(kl_loss_mode="anchor_mse", anchor_grad_steps=2)  # a spelling of try_kl
+    cfg = load_config(_write(tmp_path, data))
+    assert (cfg.kl_loss_mode, cfg.anchor_grad_steps, cfg.kl_coef) == ("try_kl", 2, 10.0)
+    assert cfg.policy_config().kl_coef == 0.0  # no discrete KL beside it
+    err = capsys.readouterr().err
+    assert "kl_loss_mode" not in err and "anchor_grad_steps" not in err
+    data = _raw(MEMFLOW)
+    data["kl_loss_mode"] = "try_kl"
+    with pytest.raises(ConfigError, match="MemFlow trainer accepts discrete_kl only"):
+        load_config(_write(tmp_path, data))
 
 
 def test_conversions_in_their_units(tmp_path, capsys):
@@ -422,7 +436,7 @@ def test_check_prints_the_table_and_fails_on_the_missing_paths(capsys):
         "2 rollouts: 3000 rollouts, 3000 AdamW steps in both)",
         "adapter.verbose ", "no effect here", "prompt_min_segments = 4", "prompt_max_segments = 4",
         "wan_model_path = 'wan_models/Wan2.1-T2V-1.3B'",
-        "100 keys in the file: 76 mapped, 23 no effect here, 1 not implemented here",
+        "100 keys in the file: 77 mapped, 23 no effect here, 0 not implemented here",
     ):  # fmt: skip
         assert text in head, text
     assert json.loads("{" + resolved)["sync_every"] == 2
@@ -441,7 +455,7 @@ def test_check_passes_when_the_config_would_run(capsys):
     args = ["--config", str(LONGLIVE), "--check", "generator_ckpt=", "lora_ckpt=", "data_path="]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "100 keys in the file: 76 mapped, 23 no effect here" in captured.out
+    assert "100 keys in the file: 77 mapped, 23 no effect here" in captured.out
     assert "error:" not in captured.err and "invalid configuration" not in captured.err
 
 
@@ -465,7 +479,7 @@ def test_subprocess_check_runs(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr  # their paths are not on this machine
-    assert "105 keys in the file: 78 mapped, 25 no effect here, 2 not implemented here" in (
+    assert "105 keys in the file: 79 mapped, 25 no effect here, 1 not implemented here" in (
         run.stdout
     )
     assert "model_kwargs.bank_size" not in run.stderr  # mapped: nothing printed

@@ -225,8 +225,8 @@ def test_checkpoint_that_counts_rollouts_as_steps_is_refused(tmp_path):
 
 
 def test_exported_adapter_starts_a_new_run_as_its_base(tmp_path):
-    """``lora_ckpt=<run>/adapter/...``: the LoRA is merged into the base weights, so the new
-    run's reference policy (adapters disabled) is the trained model."""
+    """``lora_ckpt=<run>/adapter/...`` with ``lora_init=merge``: the LoRA is merged into the base
+    weights, so the new run's reference policy (adapters disabled) is the trained model."""
     from kvpo.models.lora import adapters, adapters_disabled, import_lora
     from kvpo.toy.model import load_toy_model
     from kvpo.train import main
@@ -238,7 +238,7 @@ def test_exported_adapter_starts_a_new_run_as_its_base(tmp_path):
     quiet = ("eval_before=false", "eval_after=false")
     assert main(tiny_args(weights, tmp_path, "run_name=a", *quiet)) == 0
     lora = tmp_path / "a" / "adapter" / "adapter_model.safetensors"
-    cfg = tiny_config(weights, tmp_path, f"lora_ckpt={lora}")
+    cfg = tiny_config(weights, tmp_path, f"lora_ckpt={lora}", "lora_init=merge")
     trainer = build_learner(cfg, DistInfo())
     assert adapters(trainer.model) == ["default", "old"]
     reference = load_toy_model(weights)  # base + the trained LoRA as an adapter

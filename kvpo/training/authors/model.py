@@ -10,14 +10,8 @@ from kvpo.training.authors.values import integer
 def translate_model(t: Translator) -> None:
     """Checkpoints, denoising schedule, model and cache."""
     t.copy("generator_ckpt", "lora_ckpt")
-    if t.get("lora_ckpt") not in (None, ""):
-        t.inexact(
-            "lora_ckpt",
-            "lora_ckpt",
-            "their run keeps training these LoRA weights (the adapter starts from them); here "
-            "they are merged into the frozen base and a fresh adapter (starting at zero) is "
-            "trained on top; the starting policy and the KL reference are the same",
-        )
+    if t.get("lora_ckpt") not in (None, ""):  # their trainer keeps training the loaded LoRA
+        t.set("lora_init", "continue", "lora_ckpt")
     t.copy("denoising_step_list")
     t.switch(
         "last_step_only",

@@ -157,7 +157,7 @@ def markdown() -> str:
         "",
         "- Their first training step at LR 0 (the warmup here runs one step ahead) and, with",
         "  mechanism_1, the skipped optimizer step.",
-        "- MemFlow's sparse memory activation (`model_kwargs.SMA: true`), `try_kl`,",
+        "- MemFlow's sparse memory activation (`model_kwargs.SMA: true`),",
         "  `eval_reward_components` that the training scorer does not return, scoring both the",
         "  online and the EMA weights in one evaluation.",
         "- Keys of their `configs/default_config.yaml` (merged under their files) that the two",

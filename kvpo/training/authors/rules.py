@@ -71,10 +71,8 @@ RULES: tuple[Rule, ...] = (
     Rule("lora_ckpt", MAPPED,
          "LoRA weights loaded into the trained adapter: training continues from them, and the "
          "old policy and the KL reference start as copies of the model with them",
-         "lora_ckpt, merged into the frozen base at scale adapter.alpha / adapter.rank "
-         "(lora_ckpt_alpha = adapter.alpha) with a fresh adapter trained on top: the same "
-         "starting policy and KL reference; the trained adapter starts at zero, not at the "
-         "loaded weights (printed)", parse=values.path),
+         "lora_ckpt with lora_init = continue: the same (lora_ckpt_alpha = adapter.alpha; the "
+         "KL reference is a frozen copy of the loaded adapter)", parse=values.path),
     # ---- denoising schedule
     Rule("denoising_step_list", MAPPED, "timesteps of the few-step sampler",
          "denoising_step_list", REQUIRED, parse=values.integers),
@@ -179,9 +177,10 @@ RULES: tuple[Rule, ...] = (
          "fallback of advantage_fusion_global_weight when that key is absent",
          "advantage_fusion_global_weight when that key is absent, else no effect (as theirs)",
          1.0, parse=values.number),
-    Rule("anchor_grad_steps", NOT_IMPLEMENTED,
+    Rule("anchor_grad_steps", MAPPED,
          "kl_loss_mode=try_kl only: denoising steps of the anchor replay that carry gradient",
-         "not implemented here (try_kl is not); no effect unless kl_loss_mode is try_kl", 4),
+         "anchor_grad_steps (no effect unless kl_loss_mode is try_kl)", 4,
+         parse=values.integer),
     Rule("policy_window_frames", NO_EFFECT,
          "latent frames after the fork of their policy window (0 = P x F x "
          "policy_window_multiple; at least P x F, whole blocks): sizes the try_kl anchor replay "
@@ -241,7 +240,7 @@ RULES: tuple[Rule, ...] = (
     Rule("kl_loss_mode", MAPPED,
          "discrete_kl: KL between the branch softmaxes; try_kl: latent MSE between the "
          "anchor replayed by the current and the reference model",
-         "discrete_kl is the KL here; try_kl is not implemented here (printed)",
+         "kl_loss_mode (the same two modes; try_kl: kvpo.method.anchor_kl)",
          "discrete_kl", parse=values.lowered),
     Rule("kl_reference_initial", MAPPED, "KL reference: the initial model (true) or pi_old",
          "kl_reference_initial", False, parse=values.boolean),

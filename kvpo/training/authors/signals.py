@@ -6,6 +6,7 @@ from kvpo.training.authors.keys import MEMFLOW_MODEL
 from kvpo.training.authors.rules import NO_EFFECT
 from kvpo.training.authors.translation import Translator
 from kvpo.training.authors.values import choice, integer
+from kvpo.training.config import ConfigError
 
 SCORERS = {
     "video_hpsv3": ("video_hpsv3",),
@@ -69,22 +70,13 @@ def translate_policy(t: Translator) -> None:
     t.fallback("clip_range", "clip_range_low", "clip_range_high")
     t.copy("kl_coef")
     kl = choice(t.value("kl_loss_mode"), "kl_loss_mode", KL_MODES)
-    if kl == "discrete_kl":
-        t.row("kl_loss_mode", "the discrete KL over the K branches (kl_coef)")
-    else:
-        t.unsupported(
-            "kl_loss_mode",
-            "not implemented here (try_kl): the discrete KL is used",
-            "their try_kl replays the anchor under the current and the reference model and "
-            "penalises the latent MSE between them; here the discrete KL over the branches is "
-            "used instead",
+    if kl == "try_kl" and any(t.has(k) for k in MEMFLOW_MODEL):
+        raise ConfigError(
+            "kl_loss_mode 'try_kl': the authors' MemFlow trainer accepts discrete_kl only"
         )
-    t.not_implemented(
-        "anchor_grad_steps",
-        kl != "try_kl",
-        f"their try_kl replay back-propagates through the first {t.get('anchor_grad_steps')} "
-        "denoising steps",
-    )
+    t.set("kl_loss_mode", kl, "kl_loss_mode")
+    t.row("kl_loss_mode", f"kl_loss_mode = {kl!r}")
+    t.copy("anchor_grad_steps")
     t.copy("kl_reference_initial")
 
 
