@@ -8,7 +8,8 @@ in this process) unchanged but for ``key=value`` overrides of this project's key
   ``generator_ckpt``, ``lora_ckpt``, ``wan_model_path``, ``data_path``, ``output_dir``,
   ``run_name``; ``reward_path`` / ``reward_base_model`` (their code finds HPSv3 itself);
 - ``dtype=float32``: their trainer runs bfloat16, which a CPU runs slowly and inexactly;
-- sizes, for one CPU core: a 12-frame video (``streaming_max_length`` 147 -> 12,
+- sizes, for one CPU core: a 12-frame video (15 for MemFlow, whose routing needs a fork past
+  the first eligible block to draw distinct contexts; ``streaming_max_length`` 147 -> 12,
   ``streaming_chunk_size`` 21 -> 6, ``streaming_min_new_frame`` 18 -> 3, ``slice_last_frames``
   21 -> 6, ``model_kwargs.local_attn_size`` 12 -> 9, ``switch_frame_indices`` 39, 75, 111 ->
   3, 6, 9: their 4 prompt segments stay), ``perturb_num_blocks`` 5 -> 1, ``K`` 8 -> 2,
@@ -54,6 +55,10 @@ SIZES = [
     "long_reward_normal_clip_len=4", "eval_prompts=1", "max_train_steps=1", "sync_every=1",
     "show_progress=false",
 ]  # fmt: skip
+# MemFlow's routing draws local_attn_size - m of the min(fork, cache) - m cache slots: at 12
+# frames its only eligible fork (frame 9) leaves one draw, so both branches would be the same
+# context and the advantages 0; 15 frames put the seeded fork at 12 (distinct branches)
+KIND_SIZES = {"longlive": [], "memflow": ["streaming_max_length=15"]}
 KEYS = {"longlive": 100, "memflow": 105}  # every key of their file has its row
 
 
@@ -76,7 +81,7 @@ def test_one_training_step_from_the_authors_yaml(kind, shared, tmp_path, capsys)
     args = [
         "--config", str(FIXTURES / f"train_kvpo_{kind}.yaml"), f"generator_ckpt={generator}",
         f"lora_ckpt={lora}", *shared, f"output_dir={tmp_path / 'runs'}", f"run_name={kind}",
-        *SIZES,
+        *SIZES, *KIND_SIZES[kind],
     ]  # fmt: skip
     assert main([*args, "--check"]) == 0
     checked = capsys.readouterr().out
@@ -113,7 +118,8 @@ def test_one_training_step_from_the_authors_yaml(kind, shared, tmp_path, capsys)
 
     # the checkpoint resumes; the LoRA moved by AdamW's first step from where a new run starts:
     # |delta + lr wd p| = lr |g| / (|g| + eps) <= lr (no clipping: grad_norm < max_grad_norm),
-    # near lr for the largest gradients (|g| >> eps = 1e-8)
+    # above lr / 2 where the largest gradient entry exceeds eps = 1e-8 (the tiny models' gradients
+    # are small: MemFlow's largest gives 0.72 lr)
     cfg.run_name = f"{kind}-fresh"
     fresh = KVPOTrainer(cfg, info=DistInfo()).learner
     resumed = KVPOTrainer(load_config(run / "config.yaml"), resume=str(run), info=DistInfo())
@@ -126,7 +132,7 @@ def test_one_training_step_from_the_authors_yaml(kind, shared, tmp_path, capsys)
         step = (p.detach() - start + lr * cfg.weight_decay * start).abs().max().item()
         assert torch.isfinite(p).all() and step <= lr * (1 + 1e-3), name
         steps.append(step)
-    assert row["grad_norm"] < cfg.max_grad_norm and 0.9 * lr < max(steps) <= lr * (1 + 1e-3)
+    assert row["grad_norm"] < cfg.max_grad_norm and 0.5 * lr < max(steps) <= lr * (1 + 1e-3)
 
     # the exported adapter (peft format) holds the trained weights
     model = load_model(generator)
