@@ -250,9 +250,20 @@ class RoutingPlan:
         return cls(**fields)
 
 
-def _branch_sets(
+def check_request(mode: str, num_branches: int) -> None:
+    """Raise :class:`RoutingError` unless ``mode`` is a routing mode and there is a branch."""
+    if mode not in ROUTING_MODES:
+        raise RoutingError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
+    if num_branches < 1:
+        raise RoutingError(f"need at least one branch, got {num_branches}")
+
+
+def branch_sets(
     pool: list[int], n: int, num_branches: int, mode: str, gen: torch.Generator
 ) -> list[list[int]]:
+    """``num_branches`` sorted sets of ``n`` members of ``pool``: ``"dispersed"`` takes shifted
+    slices of one permutation (the sets overlap as little as the pool allows), ``"independent"``
+    draws each set on its own."""
     size = len(pool)
     if mode == "dispersed":
         perm = torch.randperm(size, generator=gen).tolist()
@@ -286,10 +297,7 @@ def plan_routing(
     eligible, saying which condition failed.
     """
     geometry.check()
-    if mode not in ROUTING_MODES:
-        raise RoutingError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
-    if num_branches < 1:
-        raise RoutingError(f"need at least one branch, got {num_branches}")
+    check_request(mode, num_branches)
     eligible = eligible_start_blocks(geometry, chunks, within_first_x_chunks)
     if not eligible:
         total = chunks[-1].end_frame if chunks else 0
@@ -307,7 +315,7 @@ def plan_routing(
     gen = torch.Generator().manual_seed(mixed)
     pick = eligible[int(torch.randint(len(eligible), (1,), generator=gen).item())]
     pool = list(range(pick.pool_start, pick.pool_end))
-    routed = _branch_sets(pool, geometry.n_random, num_branches, mode, gen)
+    routed = branch_sets(pool, geometry.n_random, num_branches, mode, gen)
     return RoutingPlan(
         seed=seed,
         step=step,

@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 
 from kvpo.method.routing import (
-    ROUTING_MODES,
     Chunk,
     RoutingError,
     RoutingGeometry,
     RoutingPlan,
     StartBlock,
-    _branch_sets,
+    branch_sets,
+    check_request,
     plan_routing,
     routing_seed,
 )
@@ -80,10 +80,7 @@ def plan_memflow(
     """MemFlow's plan of one group (module docstring); ``routed[g]`` are absolute frames
     (sorted), ``rule = "memflow"``. Deterministic in ``(seed, step, rank)``."""
     n, bs = memflow_slots(geometry), geometry.num_frame_per_block
-    if mode not in ROUTING_MODES:
-        raise RoutingError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
-    if num_branches < 1:
-        raise RoutingError(f"need at least one branch, got {num_branches}")
+    check_request(mode, num_branches)
     if geometry.m_nearest_frames < bs or n < 1:
         raise RoutingError(
             f"MemFlow routing needs num_frame_per_block={bs} <= m_nearest_frames="
@@ -99,7 +96,7 @@ def plan_memflow(
         )
     gen = torch.Generator().manual_seed(routing_seed(seed, step, rank))
     pick = eligible[int(torch.randint(len(eligible), (1,), generator=gen).item())]
-    slots = _branch_sets(list(range(pick.pool_end)), n, num_branches, mode, gen)
+    slots = branch_sets(list(range(pick.pool_end)), n, num_branches, mode, gen)
     routed = [sorted(slot_frame(geometry, pick.start_frame, p) for p in s) for s in slots]
     return RoutingPlan(
         seed=seed, step=step, rank=rank, mode=mode, geometry=geometry,

@@ -23,6 +23,7 @@ from tests.kvpo.test_rollout_replay import (
     _noise,
     _plan,
     _stream,
+    tiny_model,
 )
 
 S = SCHEDULE.num_steps
@@ -31,16 +32,7 @@ S = SCHEDULE.num_steps
 @pytest.fixture(scope="module")
 def lora_setup():
     """A tiny model whose ``"default"`` adapter (the current policy) differs from ``"ref"``."""
-    from kvpo.models import CausalWan, tiny_config
-
-    torch.manual_seed(0)
-    cfg = tiny_config(
-        num_layers=1, num_attention_heads=1, latent_height=8, latent_width=8, text_dim=16
-    )
-    model = CausalWan.from_config(cfg)
-    with torch.no_grad():
-        model.transformer.proj_out.weight.normal_(std=0.3)
-    model.eval()
+    model = tiny_model()
     add_lora(model, rank=2, alpha=4)
     with torch.no_grad():
         for p in lora_parameters(model).values():

@@ -32,8 +32,8 @@ SCHEDULE = FlowSchedule((1000, 500), shift=2.0)
 CTX_SIGMA = 0.25  # context passes read (1 - 0.25) x0 + 0.25 * the group's context noise
 
 
-@pytest.fixture(scope="module")
-def setup():
+def tiny_model() -> CausalWan:
+    """One layer, one head, 8 x 8 latents, text dim 16; a visible output projection (seed 0)."""
     torch.manual_seed(0)
     cfg = tiny_config(
         num_layers=1, num_attention_heads=1, latent_height=8, latent_width=8, text_dim=16
@@ -41,7 +41,12 @@ def setup():
     model = CausalWan.from_config(cfg)
     with torch.no_grad():
         model.transformer.proj_out.weight.normal_(std=0.3)
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
     texts = [model.encode_text(torch.randn(1, 5, 16)) for _ in range(2)]
     return model, texts
 
