@@ -117,8 +117,8 @@ class PagedContext:
         pages = self.store.kv_pages(layer)
         if self.block_keys is not None:
             k, v = k.index_select(1, self.block_keys), v.index_select(1, self.block_keys)
-        if self.memory is not None:  # each head's sink/bank frames, then the block
-            k, v = self.memory.prepend(layer, q, k, v, pages)
+        if self.memory is not None:  # MemFlow's sparse memory activation
+            return self.memory.attend(layer, q, k, v, pages, table, lens, self.backend)
         return routed_attention(q, k, v, pages, table, lens, backend=self.backend)
 
     def table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,19 +242,19 @@ class FrameCache(BankedRows):
         start_frame: int,
         num_frames: int,
         *,
-        plans: Sequence[Sequence[int]] | None = None,
+        plans: Sequence[Sequence[int] | None] | None = None,
         write: bool = False,
         routed: bool | None = None,
     ) -> PagedContext:
         """The block ``[start_frame, start_frame + num_frames)``'s view of ``rows``.
 
         Evicts frames that fall out of residency first. Args:
-            plans: per row, the cached frames to attend in attention order (a routing plan);
-                default the policy's sink + newest frames (all resident frames when global).
+            plans: per row, the cached frames to attend in attention order (a routing plan) or
+                None: the policy's sink + newest frames (all resident frames when global).
             write: reserve pages for the block: the forward (or ``write_context``) using this
                 view writes its K/V into the rows. Writing frames a row already holds (a
                 recache) starts a new segment that then serves them.
-            routed: ``plans`` route (no sparse memory activation); default ``plans is not None``.
+            routed: ``plans`` route (no sparse memory activation); default: the rows with a plan.
 
         Returns:
             A :class:`PagedContext` for ``CausalWan.forward`` / ``write_context``.
@@ -265,6 +265,8 @@ class FrameCache(BankedRows):
         keep_from = self.policy.resident_start(start_frame, num_frames)
         sink = self.policy.sink_size
         written = range(start_frame, start_frame + num_frames) if write else range(0)
+        plans = [None] * len(rows) if plans is None else plans
+        routed = [p is not None for p in plans] if routed is None else [routed] * len(rows)
         tables, cuts = [], []
         for i, row in enumerate(rows):
             state = self._get(row)
@@ -274,7 +276,7 @@ class FrameCache(BankedRows):
                 lambda f, k=keep_from, g=guard: f not in written and (f < sink or f >= k or f in g),
             )
             held = self._frame_pages(state)
-            if plans is not None:
+            if plans[i] is not None:
                 plan = [int(f) for f in plans[i]]
             elif self.policy.local_attn_size == -1:
                 plan = sorted(f for f in held if f < start_frame)
@@ -293,8 +295,7 @@ class FrameCache(BankedRows):
                 raise ValueError(f"plan of row {row} names a frame more than once: {plan}")
             tables.append([held[f] for f in plan])
             cuts.append(next((j for j, f in enumerate(plan) if f >= sink), len(plan)))
-        routed = plans is not None if routed is None else routed
-        parts = self._attended(rows, tables, cuts, sparse=self.policy.sma and not routed)
+        parts = self._attended(rows, tables, cuts, [self.policy.sma and not r for r in routed])
         context = PagedContext(self.store, backend=self.backend, **parts)
         if write:
             context.reservations = self._reserve(rows, start_frame, num_frames)

@@ -68,11 +68,13 @@ def select_frames(q: torch.Tensor, frame_k: torch.Tensor, top_k: int = SMA_TOP_K
 class SparseMemory:
     """The sink and bank pages a view's heads choose from (:func:`select_frames`).
 
-    ``candidates``: per layer ``[B, N]`` long page ids in candidate order (sink, then the
-    layer's bank), or one tensor for every layer; ``N`` is the same for every row.
+    ``candidates``: per layer ``[B_s, N]`` long page ids in candidate order (sink, then the
+    layer's bank) of the ``B_s`` selecting rows, or one tensor for every layer; ``rows``: the
+    view's rows that select, ascending (None: all of them).
     """
 
     candidates: list[torch.Tensor]
+    rows: list[int] | None = None
     top_k: int = SMA_TOP_K
 
     def selected_kv(
@@ -103,10 +105,30 @@ class SparseMemory:
         kv = kv.permute(4, 0, 2, 3, 1, 5).reshape(2, batch, -1, heads, dim)
         return kv[0], kv[1]
 
-    def prepend(self, layer, q, k, v, kv_pages) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's keys ``k, v: [B, L_k, H, D]`` after each head's selected frames
-        (:meth:`selected_kv`): ``[B, k * T + L_k, H, D]``."""
-        selected = self.selected_kv(layer, q, kv_pages)
-        if selected is None:
-            return k, v
-        return torch.cat([selected[0], k], dim=1), torch.cat([selected[1], v], dim=1)
+    def attend(self, layer, q, k, v, kv_pages, page_table, ctx_lens, backend=None):
+        """Routed attention of a view's rows, the selecting rows also attending to their heads'
+        selected frames (prepended to the block's keys, :meth:`selected_kv`).
+
+        ``q: [B, L, H, D]``, ``k, v: [B, L_k, H, D]`` the block's; ``page_table [B, N]`` and
+        ``ctx_lens [B]`` the layer's (the window only for the selecting rows) ->
+        ``[B, L, H, D]``. The other rows (routed rows of the same batch) run in a second call.
+        """
+        from kvpo_kernels import routed_attention
+
+        def run(index, select):
+            qi, ki, vi, table, lens = q, k, v, page_table, ctx_lens
+            if index is not None:
+                qi, ki, vi, table, lens = (x[index] for x in (q, k, v, page_table, ctx_lens))
+            chosen = self.selected_kv(layer, qi, kv_pages) if select else None
+            if chosen is not None:
+                ki, vi = torch.cat([chosen[0], ki], dim=1), torch.cat([chosen[1], vi], dim=1)
+            return routed_attention(qi, ki, vi, kv_pages, table, lens, backend=backend)
+
+        if self.rows is None:
+            return run(None, True)
+        picked = torch.tensor(self.rows, dtype=torch.long, device=q.device)
+        others = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        others[picked] = False
+        others = others.nonzero().flatten()
+        out = torch.cat([run(picked, True), run(others, False)])
+        return out[torch.cat([picked, others]).argsort()]

@@ -169,4 +169,10 @@ def test_routed_views_attend_to_the_whole_bank():
     assert routed.memory is None and routed.table(0)[0].shape[1] == 6 + 2
     for view in (cache.view(rows, 12, FPB), cache.view(rows, 12, FPB, plans=plan, routed=False)):
         assert view.layer_tables is None and view.page_table.shape[1] == 3  # the window
-        assert [c.shape for c in view.memory.candidates] == [(2, 3 + 2)] * 2  # sink + bank
+        assert view.memory.rows is None
+        assert [tuple(c.shape) for c in view.memory.candidates] in (
+            [(2, 3 + 2)], [(2, 3 + 2)] * 2  # sink + bank, one tensor when the layers agree
+        )  # fmt: skip
+    mixed = cache.view(rows, 12, FPB, plans=[plan[0], None])  # a branch and the anchor
+    assert mixed.memory.rows == [1] and mixed.memory.candidates[0].shape == (1, 3 + 2)
+    assert mixed.table(0)[1].tolist() == [(6 + 2) * 16, 3 * 16]  # ctx_lens: 16 tokens a frame
