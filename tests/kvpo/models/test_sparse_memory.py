@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvpo.models import CachePolicy, FewStepSampler, FrameCache, generate
+from kvpo.models import CachePolicy, FewStepSampler, FrameCache, generate, recache
 from kvpo.models.sparse_memory import SparseMemory, select_frames
 from tests.kvpo.models.reference import random_model
 from tests.kvpo.models.test_memory_bank import (
@@ -176,3 +176,92 @@ def test_routed_views_attend_to_the_whole_bank():
     mixed = cache.view(rows, 12, FPB, plans=[plan[0], None])  # a branch and the anchor
     assert mixed.memory.rows == [1] and mixed.memory.candidates[0].shape == (1, 3 + 2)
     assert mixed.table(0)[1].tolist() == [(6 + 2) * 16, 3 * 16]  # ctx_lens: 16 tokens a frame
+
+
+# --------------------------------------------------------------------------- recache
+class _RecacheSma(_ListAttention):
+    """Frames ``lists`` attend as listed; the queries of the pass frames ``pass_frames`` attend,
+    head ``h``, to the top-3 of the ``candidates`` (by the pass's mean query) then ``local``."""
+
+    def __init__(self, T, lists, pass_frames, candidates, local):
+        super().__init__(T)
+        self.lists, self.pass_frames = lists, pass_frames
+        self.candidates, self.local, self.heads_differ = candidates, local, False
+
+    def __call__(self, attn, hidden, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):  # fmt: skip
+        T = self.T
+        q, k, v = self.qkv(attn, hidden, rotary_emb)
+        out = torch.zeros_like(q)
+
+        def tokens(frames):
+            return torch.cat([torch.arange(f * T, (f + 1) * T) for f in frames])
+
+        for frame, keys in self.lists.items():
+            rows, idx = tokens([frame]), tokens(keys)
+            out[0, rows] = F.scaled_dot_product_attention(
+                q[0, rows].transpose(0, 1), k[0, idx].transpose(0, 1), v[0, idx].transpose(0, 1)
+            ).transpose(0, 1)
+        rows = tokens(self.pass_frames)
+        phi_q = q[0, rows].mean(0)
+        phi_k = torch.stack([k[0, tokens([c])].mean(0) for c in self.candidates])
+        picks = []
+        for h in range(q.shape[2]):
+            top = torch.topk(phi_k[:, h] @ phi_q[h], 3).indices.sort().values
+            picks.append([self.candidates[i] for i in top.tolist()])
+            idx = tokens(picks[-1] + self.local)
+            out[0, rows, h] = F.scaled_dot_product_attention(
+                q[0, rows, h][None], k[0, idx, h][None], v[0, idx, h][None]
+            )[0]
+        self.heads_differ |= any(p != picks[0] for p in picks)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2)))
+
+
+def test_recache_pass_selects_by_its_mean_query():
+    """Switch at 14 (sink 4, local 8, blocks of 2, no bank): the pass re-encoding frames 6..13
+    attends, head by head, to 3 of the 4 sink frames (the old prompt's K/V) chosen by the mean
+    of all its queries, then to frames 10..13 (their ``recache_after_switch`` with SMA)."""
+    from dataclasses import replace
+
+    from tests.kvpo.models.test_recache import _TwoPromptCross
+
+    model = random_model(seed=3)
+    policy = CachePolicy(sink_size=4, local_attn_size=8, resident_frames=16, frames_per_block=2)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(1, 3, 14, 16, 16, generator=g)
+    renoise = torch.randn(3, 1, 3, 14, 16, 16, generator=g)
+    old, new = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+    served = {}
+    for sma in (True, False):
+        cache = FrameCache.create(model.config, policy, num_pages=64)
+        (row,) = cache.new_rows(1)
+        with torch.no_grad():  # generated without SMA: a block inside the sink region is not
+            gen = generate(model, cache, [row], model.encode_text(old), noise, renoise=renoise)
+            cache.policy = replace(policy, sma=sma)
+            recache(model, cache, [row], gen.latents, model.encode_text(new), 14)
+        view = cache.view([row], 14, 2, plans=[list(range(6, 14))])
+        served[sma] = [cache.store.kv_pages(layer)[view.page_table[0].long()] for layer in (0, 1)]
+    T = model.config.tokens_per_frame
+    lists = {0: [0, 1], 1: [0, 1], 2: [0, 1, 2, 3], 3: [0, 1, 2, 3], 4: [4], 5: [5]}
+    t = model.transformer
+    procs = [_RecacheSma(T, lists, list(range(6, 14)), [0, 1, 2, 3], [10, 11, 12, 13])
+             for _ in t.blocks]  # fmt: skip
+    flags = (torch.arange(14) < 4).repeat_interleave(T)
+    old_states = t.condition_embedder.text_embedder(old)
+    saved = [(b.attn1.processor, b.attn2.processor) for b in t.blocks]
+    try:
+        for b, p in zip(t.blocks, procs):
+            b.attn1.set_processor(p)
+            b.attn2.set_processor(_TwoPromptCross(old_states, flags))
+        with torch.no_grad():
+            t(gen.latents, torch.zeros(1, 14 * T), new, return_dict=False)
+    finally:
+        for b, (p1, p2) in zip(t.blocks, saved):
+            b.attn1.set_processor(p1)
+            b.attn2.set_processor(p2)
+    assert any(p.heads_differ for p in procs)
+    for layer, proc in enumerate(procs):
+        k_ref, v_ref = (x[0, 6 * T :].unflatten(0, (8, T)) for x in proc.kv)
+        torch.testing.assert_close(served[True][layer][:, 0], k_ref, **TOL)
+        torch.testing.assert_close(served[True][layer][:, 1], v_ref, **TOL)
+    assert (served[False][1][:, 0] - served[True][1][:, 0]).abs().max() > 1e-3
