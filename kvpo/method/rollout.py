@@ -143,7 +143,7 @@ def rollout_group(
             if not routed or not plan.in_window(frame):
                 return None
             return [
-                plan.context_frames(g, frame) if g < G else cache.policy.window(frame, F)
+                plan.context_frames(g, frame) if g < G else None  # the anchor: default view
                 for g in idx
             ]
 

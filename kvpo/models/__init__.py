@@ -10,7 +10,7 @@ S denoising steps; the model's dtype is that of its weights)::
                               resident_frames=33, frames_per_block=3, recache_size=None),
                               num_pages, dtype=model.dtype, device)
     rows  = cache.new_rows(n) | cache.fork(row, n)              # branches share pages (no copies)
-    view  = cache.view(rows, start_frame, F, plans=None | [[frame, ...] per row], write=False)
+    view  = cache.view(rows, start_frame, F, plans=None | [[frame, ...] | None per row])
     v     = model(latents [B, C, F, H, W], timestep [B] | [B, F] | float (0..1000),
                   text, start_frame, view)                      # velocity, x0 = x_t - sigma * v
     model.write_context(x0 [B, C, F, H, W], text, start_frame,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from kvpo.models.memory_bank import BankState, frame_saliency, refresh_layer
+from kvpo.models.sparse_memory import SparseMemory
 
 
 class BankedRows:
@@ -69,19 +70,48 @@ class BankedRows:
         self.store.allocator.release(sorted(before - after))
         bank.frames = {p: f for p, f in bank.frames.items() if p in after}
 
-    def _bank_tables(self, rows, tables, cuts) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(page_table, ctx_lens)`` per layer with each row's bank pages inserted after the
-        plan's leading sink pages; one pair when every layer attends to the same pages."""
+    def _attended(self, rows, tables, cuts, sparse: Sequence[bool]) -> dict:
+        """A view's ``page_table``, ``ctx_lens``, ``layer_tables`` and ``memory`` (the
+        :class:`~kvpo.models.frame_cache.PagedContext` fields) from each row's plan pages
+        ``tables`` whose first ``cuts`` are sink pages: a row's bank pages go after its sink, or
+        for the ``sparse`` rows its sink and bank pages become the candidates of MemFlow's sparse
+        memory activation and its table row holds the rest (the window)."""
         banks = [self._get(row).bank for row in rows]
         layers = self.store.num_layers if any(b is not None for b in banks) else 1
-        per_layer = []
+        fronts, full = [], []
         for layer in range(layers):
-            with_bank = []
-            for pages, cut, bank in zip(tables, cuts, banks):
-                slots = [] if bank is None else bank.slots[layer]
-                with_bank.append(pages[:cut] + slots + pages[cut:])
-            per_layer.append(with_bank)
+            front, table = [], []
+            for pages, cut, bank, selects in zip(tables, cuts, banks, sparse):
+                front.append(pages[:cut] + ([] if bank is None else bank.slots[layer]))
+                table.append(pages[cut:] if selects else front[-1] + pages[cut:])
+            fronts.append(front)
+            full.append(table)
+        if all(t == full[0] for t in full[1:]):
+            full = full[:1]
+        size = self.store.page_size  # frames are full pages
+        built = [self.store.table_builder.build(t, [len(p) * size for p in t]) for t in full]
+        return dict(
+            page_table=built[0][0], ctx_lens=built[0][1],
+            layer_tables=built if len(built) > 1 else None,
+            memory=self._candidates(fronts, sparse) if any(sparse) else None,
+        )  # fmt: skip
+
+    def _candidates(self, fronts, sparse) -> SparseMemory:
+        """Per layer ``[B_s, N]`` sink and bank pages of the ``sparse`` rows (the same ``N`` for
+        every such row)."""
+        picked = [i for i, selects in enumerate(sparse) if selects]
+        per_layer = [[front[i] for i in picked] for front in fronts]
         if all(t == per_layer[0] for t in per_layer[1:]):
             per_layer = per_layer[:1]
-        size = self.store.page_size  # frames are full pages
-        return [self.store.table_builder.build(t, [len(p) * size for p in t]) for t in per_layer]
+        counts = {len(f) for t in per_layer for f in t}
+        if len(counts) > 1:
+            raise ValueError(
+                f"sparse memory activation needs the same number of sink and bank frames in "
+                f"every selecting row of a view, got {sorted(counts)}"
+            )
+        device = self.store.device
+        candidates = [
+            torch.tensor(t, dtype=torch.long, device=device).view(len(picked), -1)
+            for t in per_layer
+        ]
+        return SparseMemory(candidates, rows=None if len(picked) == len(sparse) else picked)

@@ -15,7 +15,9 @@ class CachePolicy:
 
     ``bank_size``: frames of MemFlow's memory bank per layer (0: no bank, LongLive);
     ``record_interval``: a block starting at a multiple of ``frames_per_block * record_interval``
-    frames records its first frame into the bank (:mod:`kvpo.models.memory_bank`).
+    frames records its first frame into the bank (:mod:`kvpo.models.memory_bank`); ``sma``:
+    MemFlow's sparse memory activation (each head attends to 3 of the sink and bank frames,
+    :mod:`kvpo.models.sparse_memory`).
     """
 
     sink_size: int = 3
@@ -25,6 +27,7 @@ class CachePolicy:
     recache_size: int | None = None
     bank_size: int = 0
     record_interval: int = 3
+    sma: bool = False
 
     def __post_init__(self) -> None:
         if self.frames_per_block < 1 or self.sink_size < 0:

@@ -34,6 +34,7 @@ MemFlow's memory bank (``policy.bank_size > 0``, :mod:`kvpo.models.memory_bank`)
 holds, per layer, page references to its bank frames; every view inserts the layer's bank pages
 after the plan's leading sink frames (so each layer attends through its own page table), forks
 share them, :meth:`FrameCache.bank_refresh` and :meth:`FrameCache.bank_record` update them.
+With ``policy.sma``, unrouted views add MemFlow's sparse memory activation (``memory``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from kvpo.models.config import WanConfig
 from kvpo.models.memory_bank import BankState
 
 if TYPE_CHECKING:
+    from kvpo.models.sparse_memory import SparseMemory
     from kvpo_kernels.paged import Reservation
 
 
@@ -83,7 +85,8 @@ class PagedContext:
     prompt-switch recache attends to only the window's part of what it re-encodes).
     ``layer_tables``: per layer ``(page_table, ctx_lens)`` when layers attend to different
     pages (MemFlow's bank; then ``page_table``/``ctx_lens`` are layer 0's), None: every layer
-    uses ``page_table``.
+    uses ``page_table``. ``memory``: MemFlow's sparse memory activation over the sink and bank
+    frames (``page_table`` then holds the window only), None: off.
     """
 
     store: object
@@ -93,6 +96,7 @@ class PagedContext:
     backend: str | None = None
     block_keys: torch.Tensor | None = None
     layer_tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    memory: SparseMemory | None = None
 
     @property
     def writes(self) -> bool:
@@ -113,6 +117,8 @@ class PagedContext:
         pages = self.store.kv_pages(layer)
         if self.block_keys is not None:
             k, v = k.index_select(1, self.block_keys), v.index_select(1, self.block_keys)
+        if self.memory is not None:  # MemFlow's sparse memory activation
+            return self.memory.attend(layer, q, k, v, pages, table, lens, self.backend)
         return routed_attention(q, k, v, pages, table, lens, backend=self.backend)
 
     def table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,17 +242,19 @@ class FrameCache(BankedRows):
         start_frame: int,
         num_frames: int,
         *,
-        plans: Sequence[Sequence[int]] | None = None,
+        plans: Sequence[Sequence[int] | None] | None = None,
         write: bool = False,
+        routed: bool | None = None,
     ) -> PagedContext:
         """The block ``[start_frame, start_frame + num_frames)``'s view of ``rows``.
 
         Evicts frames that fall out of residency first. Args:
-            plans: per row, the cached frames to attend in attention order (a routing plan);
-                default the policy's sink + newest frames (all resident frames when global).
+            plans: per row, the cached frames to attend in attention order (a routing plan) or
+                None: the policy's sink + newest frames (all resident frames when global).
             write: reserve pages for the block: the forward (or ``write_context``) using this
                 view writes its K/V into the rows. Writing frames a row already holds (a
                 recache) starts a new segment that then serves them.
+            routed: ``plans`` route (no sparse memory activation); default: the rows with a plan.
 
         Returns:
             A :class:`PagedContext` for ``CausalWan.forward`` / ``write_context``.
@@ -257,6 +265,8 @@ class FrameCache(BankedRows):
         keep_from = self.policy.resident_start(start_frame, num_frames)
         sink = self.policy.sink_size
         written = range(start_frame, start_frame + num_frames) if write else range(0)
+        plans = [None] * len(rows) if plans is None else plans
+        routed = [p is not None for p in plans] if routed is None else [routed] * len(rows)
         tables, cuts = [], []
         for i, row in enumerate(rows):
             state = self._get(row)
@@ -266,7 +276,7 @@ class FrameCache(BankedRows):
                 lambda f, k=keep_from, g=guard: f not in written and (f < sink or f >= k or f in g),
             )
             held = self._frame_pages(state)
-            if plans is not None:
+            if plans[i] is not None:
                 plan = [int(f) for f in plans[i]]
             elif self.policy.local_attn_size == -1:
                 plan = sorted(f for f in held if f < start_frame)
@@ -285,11 +295,8 @@ class FrameCache(BankedRows):
                 raise ValueError(f"plan of row {row} names a frame more than once: {plan}")
             tables.append([held[f] for f in plan])
             cuts.append(next((j for j, f in enumerate(plan) if f >= sink), len(plan)))
-        layer_tables = self._bank_tables(rows, tables, cuts)
-        table, ctx_lens = layer_tables[0]
-        context = PagedContext(self.store, table, ctx_lens, backend=self.backend)
-        if len(layer_tables) > 1:
-            context.layer_tables = layer_tables
+        parts = self._attended(rows, tables, cuts, [self.policy.sma and not r for r in routed])
+        context = PagedContext(self.store, backend=self.backend, **parts)
         if write:
             context.reservations = self._reserve(rows, start_frame, num_frames)
         return context

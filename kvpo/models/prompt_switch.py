@@ -19,7 +19,9 @@ what the authors' ``DiversitySamplingPipeline.recache_after_switch``
   input the clean latents (no noise is added here);
 - frames older than ``R`` keep their entries;
 - with MemFlow's bank, the bank is refreshed first with a cleared prompt query (their
-  cross-attention cache is zero after the switch) and every pass attends to it.
+  cross-attention cache is zero after the switch) and every pass attends to it (with sparse
+  memory activation, to each head's selection for the pass's mean query: the pass's view is
+  not a routed one).
 
 Queries of frames whose K/V are not written (sink frames in a pass not starting at 0) change
 nothing and are not run.
@@ -104,7 +106,7 @@ def recache(
         if lo >= b:
             continue
         cached, own = pass_keys(policy, lo, b)
-        view = cache.view(rows, lo, b - lo, plans=[cached] * len(rows), write=True)
+        view = cache.view(rows, lo, b - lo, plans=[cached] * len(rows), write=True, routed=False)
         tokens = torch.tensor(own, device=model.device) - lo
         view.block_keys = (
             tokens[:, None] * per_frame + torch.arange(per_frame, device=model.device)

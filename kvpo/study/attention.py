@@ -95,7 +95,9 @@ class AttentionMass:
         F = self.policy.frames_per_block
         rows = view.page_table.shape[0]
         frames = [
-            list(plans[i]) if plans is not None else self.policy.window(start_frame, F)
+            list(plans[i])
+            if plans is not None and plans[i] is not None
+            else self.policy.window(start_frame, F)
             for i in range(rows)
         ]
 

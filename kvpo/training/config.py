@@ -53,6 +53,11 @@ class ModelKwargs:
     timestep_shift: float = _f(1.0, "flow-matching time shift of the sampler's schedule")
     bank_size: int = _f(0, "MemFlow's memory bank: frames per layer (0 = no bank, LongLive)")
     record_interval: int = _f(3, "MemFlow: a block's first frame is recorded every this many")
+    sma: bool = _f(
+        False,
+        "MemFlow's sparse memory activation: each head attends to the 3 sink and bank frames "
+        "closest to the block's mean query (their SMA)",
+    )
 
 
 @dataclass

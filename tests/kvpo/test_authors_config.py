@@ -135,11 +135,12 @@ def test_memflow_loads_with_their_values(capsys):
     assert (cfg.model_kwargs.bank_size, cfg.model_kwargs.record_interval) == (3, 3)
     assert cfg.routing_rule == "memflow"
     assert cfg.cache_policy().bank_size == 3
+    assert not cfg.model_kwargs.sma and not cfg.cache_policy().sma  # their SMA: False
     assert cfg.row_micro_batch == 4  # branch_backward_chunk_size 4
     assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
     assert (cfg.adapter.rank, cfg.adapter.alpha) == (256, 256.0)
     first = capsys.readouterr().err.splitlines()[0]
-    assert "79 mapped, 25 no effect here, 1 not implemented here" in first
+    assert "80 mapped, 25 no effect here, 0 not implemented here" in first
     # the rest as LongLive's file: the two files differ in these keys only
     longlive = load_config(LONGLIVE)
     differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
@@ -185,15 +186,14 @@ def test_every_key_of_both_files_is_in_the_table():
 
 def test_rule_categories():
     counts = authors.rule_counts()
-    assert counts == {MAPPED: 80, NO_EFFECT: 26, NOT_IMPLEMENTED: 1}
+    assert counts == {MAPPED: 81, NO_EFFECT: 26, NOT_IMPLEMENTED: 0}
     for key in ("offload_models", "num_gpus", "gpu_ids", "adapter.verbose", "multinode.master",
                 "policy_window_frames", "policy_window_multiple"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == NO_EFFECT, key
-    for key in ("model_kwargs.SMA",):
-        assert RULE_BY_KEY[key].kind == NOT_IMPLEMENTED, key
     for key in ("prompt_min_segments", "prompt_max_segments", "data_path",
                 "use_raw_weighted_reward_advantage", "min_update_entropy_ratio",
-                "model_kwargs.bank_size", "model_kwargs.record_interval"):  # fmt: skip
+                "model_kwargs.bank_size", "model_kwargs.record_interval",
+                "model_kwargs.SMA"):  # fmt: skip
         assert RULE_BY_KEY[key].kind == MAPPED, key
 
 
@@ -213,7 +213,7 @@ def test_no_effect_keys_print_one_line_each(capsys):
     group = [line for line in lines if line.startswith("multinode (")]
     assert len(group) == 1 and all(key in group[0] for key in MULTINODE)
     assert "no effect here: the multi-node launcher's ssh targets" in group[0]
-    # not implemented with a value that does something: one line each; no-op values: none
+    # mapped (SMA: False maps to model_kwargs.sma): silent
     for key in ["model_kwargs.SMA", "model_kwargs.bank_size",
                 "model_kwargs.record_interval"]:  # fmt: skip
         assert not any(line.startswith(f"{key}: ") for line in lines), key
@@ -244,7 +244,6 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
             "eval_reward_components",
             "which does not return ['videoalign_ta'], so it scores reward_components",
         ),
-        ("model_kwargs.SMA", "top-3 of the sink and bank frames"),
         ("last_step_only", "stops every block at one random denoising step"),
     ):
         mine = [line for line in lines if line.startswith(f"{key}: ")]
@@ -252,7 +251,11 @@ def test_not_implemented_values_are_printed_and_the_run_proceeds(tmp_path, capsy
     assert cfg.kl_coef == 10.0 and cfg.train_global  # the run keeps this project's behaviour
     # implemented: mapped, silent
     assert cfg.use_raw_weighted_reward_advantage and cfg.min_update_entropy_ratio == 0.1
-    assert not any(line.startswith(("use_raw_weighted", "min_update_entropy")) for line in lines)
+    assert cfg.model_kwargs.sma and cfg.cache_policy().sma  # SMA: True
+    assert not any(
+        line.startswith(("use_raw_weighted", "min_update_entropy", "model_kwargs.SMA"))
+        for line in lines
+    )
 
 
 def test_try_kl_maps_onto_the_anchor_penalty(tmp_path, capsys):
@@ -479,9 +482,10 @@ def test_subprocess_check_runs(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr  # their paths are not on this machine
-    assert "105 keys in the file: 79 mapped, 25 no effect here, 1 not implemented here" in (
+    assert "105 keys in the file: 80 mapped, 25 no effect here, 0 not implemented here" in (
         run.stdout
     )
+    assert "model_kwargs.sma = False" in run.stdout
     assert "model_kwargs.bank_size" not in run.stderr  # mapped: nothing printed
     assert "generator_ckpt: checkpoint path 'checkpoints/memflow/base.pt' does not exist" in (
         run.stderr

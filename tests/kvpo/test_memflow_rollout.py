@@ -20,8 +20,8 @@ GEOMETRY = RoutingGeometry(F, 1, 6, 12, 3, 2)  # MemFlow: n = 6 - 3 = 3 slots, P
 SCHEDULE = FlowSchedule((1000, 500), shift=2.0)
 
 
-def _policy(bank=2):
-    return CachePolicy(1, 6, 12, F, bank_size=bank, record_interval=1)
+def _policy(bank=2, sma=False):
+    return CachePolicy(1, 6, 12, F, bank_size=bank, record_interval=1, sma=sma)
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +41,17 @@ def setup():
     return model, texts, noise
 
 
-def _stream(model, bank=2):
+def _stream(model, bank=2, sma=False):
     video_model = VideoModel(model, None, None, lambda f: f, (model.config.in_channels, 8, 8))
     layout = VideoLayout(T, SWITCHES)
     return StreamingGenerator(
-        video_model, _policy(bank), SCHEDULE, rule="x0", layout=layout, rows=4
+        video_model, _policy(bank, sma), SCHEDULE, rule="x0", layout=layout, rows=4
     )
 
 
-def _alone(model, texts, noise, plan, branch, bank=2):
+def _alone(model, texts, noise, plan, branch, bank=2, sma=False):
     """Branch ``branch`` (None: anchor) generated from frame 0 in one plain row."""
-    cache = FrameCache.create(model.config, _policy(bank), 256)
+    cache = FrameCache.create(model.config, _policy(bank, sma), 256)
     rows = cache.new_rows(1)
     if branch is not None:  # its routed frames outlive residency (MemFlow's older slots)
         cache.protect(rows[0], plan.routed[branch], until=plan.end_frame)
@@ -114,6 +114,39 @@ def test_replay_sees_the_rollouts_bank(setup, monkeypatch):
         monkeypatch.setattr(stream.cache, "bank_record", lambda rows, frame: None)
         skipped = replay_energies(stream, ro, texts, weights, branches=[0], grad_steps=0)
     assert skipped.min() > 1e-6
+
+
+def test_sma_rollout_and_replay_follow_a_plain_row(setup):
+    """With sparse memory activation (sink 1 + a bank of 3: 4 candidates, 3 kept from block 9
+    on), forked lean rows generate what a plain row generates (the routed window attends to the
+    whole bank, the other blocks select), and unrouted replays reproduce the rollout's
+    velocities, grad replay included; SMA changes the videos."""
+    model, texts, noise = setup
+    plan = plan_memflow(GEOMETRY, chunk_layout(T, 6, 6), 3, seed=3, step=0)
+    stream = _stream(model, bank=3, sma=True)
+    ro = rollout_group(
+        stream, texts, plan, noise, policy_frames=GEOMETRY.window_frames, end_frame=T,
+        row_batch=2,
+    )  # fmt: skip
+    for g in [*range(3), None]:
+        ref = _alone(model, texts, noise, plan, g, bank=3, sma=True)
+        torch.testing.assert_close(ro.latents[3 if g is None else g], ref[0], rtol=1e-5, atol=1e-5)
+        whole = _alone(model, texts, noise, plan, g, bank=3)
+        assert (whole[0] - ro.latents[3 if g is None else g]).abs().max() > 1e-3
+    stream.cache.free([ro.snapshot])
+    ro = rollout_group(
+        stream, texts, plan, noise, policy_frames=GEOMETRY.window_frames, end_frame=T,
+        routed=False,
+    )  # fmt: skip
+    weights = step_weights(SCHEDULE, "uniform")
+    with torch.no_grad():
+        energy = replay_energies(stream, ro, texts, weights, branches=[0, 1, 2], grad_steps=0)
+    assert energy.abs().max() < 1e-9
+    pinned = replay_energies(stream, ro, texts, weights, branches=[0, 1], grad_steps=1)
+    assert pinned.requires_grad and pinned.detach().abs().max() < 1e-9
+    pinned.sum().backward()  # the gathered sink/bank keys take no gradient; the block's do
+    stream.cache.free([ro.snapshot])
+    assert stream.cache.held_bytes == 0
 
 
 def test_page_pool_counts_the_bank():

@@ -34,12 +34,10 @@ def translate_model(t: Translator) -> None:
                      if t.has(k)]  # fmt: skip
         t.copy(*bank_keys)
         t.set("routing_rule", "memflow", bank_keys[0])  # their MemFlow pipeline's routing
-    t.not_implemented(
-        "model_kwargs.SMA",
-        t.get("model_kwargs.SMA") is None or not t.value("model_kwargs.SMA"),
-        "MemFlow's sparse memory activation attends, per head, to the top-3 of the sink and "
-        "bank frames for the block's mean query; here the whole bank is attended",
-    )
+    if t.has("model_kwargs.SMA"):
+        sma = t.value("model_kwargs.SMA")
+        t.set("model_kwargs.sma", sma, "model_kwargs.SMA")
+        t.row("model_kwargs.SMA", f"model_kwargs.sma = {sma!r}")
 
 
 def translate_prompts(t: Translator) -> None:

@@ -102,11 +102,10 @@ RULES: tuple[Rule, ...] = (
     Rule("model_kwargs.record_interval", MAPPED,
          "MemFlow: every record_interval blocks a block's first frame enters the bank",
          "model_kwargs.record_interval", None, parse=values.integer),
-    Rule("model_kwargs.SMA", NOT_IMPLEMENTED,
+    Rule("model_kwargs.SMA", MAPPED,
          "MemFlow sparse memory activation: a block attends to the top-3 sink and bank frames "
          "per head for its mean query instead of the whole bank",
-         "not implemented here (the whole bank is attended); false does nothing",
-         parse=values.boolean),
+         "model_kwargs.sma", False, parse=values.boolean),
     # ---- streaming
     Rule("streaming_chunk_size", MAPPED, "frames of the first streaming chunk",
          "streaming_chunk_size", REQUIRED, parse=values.integer),

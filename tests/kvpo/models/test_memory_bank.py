@@ -137,9 +137,16 @@ class _ListAttention(WanAttnProcessor):
         super().__init__()
         self.T, self.lists, self.kv = T, {}, None
 
-    def __call__(self, attn, hidden, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None):  # fmt: skip
-        heads, T = attn.heads, self.T
+    def set_block(self, f0, bank_frames):
+        """The block at ``f0`` attends to sink ++ the layer's visible bank ++ window ++ block."""
+        block = list(range(f0, f0 + FPB))
+        sink = list(range(min(SINK, f0)))
+        window = list(range(max(SINK, f0 + FPB - (LOCAL - SINK)), f0))
+        self.lists.update({q: sink + bank_frames + window + block for q in block})
+
+    def qkv(self, attn, hidden, rotary_emb):
+        """RoPE'd ``q, k, v: [1, N, H, D]`` of the whole sequence (``k, v`` recorded)."""
+        heads = attn.heads
         q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (heads, -1))
         k = attn.norm_k(attn.to_k(hidden)).unflatten(2, (heads, -1))
         v = attn.to_v(hidden).unflatten(2, (heads, -1))
@@ -153,6 +160,12 @@ class _ListAttention(WanAttnProcessor):
 
         q, k = rope(q), rope(k)
         self.kv = (k.detach(), v.detach())
+        return q, k, v
+
+    def __call__(self, attn, hidden, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):  # fmt: skip
+        T = self.T
+        q, k, v = self.qkv(attn, hidden, rotary_emb)
         out = torch.zeros_like(q)
         for frame, keys in self.lists.items():
             idx = torch.cat([torch.arange(f * T, (f + 1) * T) for f in keys])
@@ -167,26 +180,26 @@ class _ListAttention(WanAttnProcessor):
 
 def _their_call(t, procs, banks, clean, embeds, f0, x_block, timestep, interval):
     """One model call on block ``f0``: frames before it clean at t = 0, the block at
-    ``timestep``; the block's frames attend to sink ++ each layer's visible bank ++ window."""
+    ``timestep``; the block's frames attend to what ``proc.set_block`` gives each layer's
+    visible bank."""
     T = procs[0].T
-    start, end, block = f0 * T, (f0 + FPB) * T, list(range(f0, f0 + FPB))
-    sink = list(range(min(SINK, f0)))
-    window = list(range(max(SINK, f0 + FPB - (LOCAL - SINK)), f0))
+    start, end = f0 * T, (f0 + FPB) * T
     for proc, bank in zip(procs, banks):
         visible, _ = bank.visible(start, end, interval)
-        proc.lists.update({q: sink + bank.ids[: visible // T] + window + block for q in block})
+        proc.set_block(f0, bank.ids[: visible // T])
     x = torch.cat([clean[:, :, :f0], x_block], dim=2)
     steps = torch.cat([torch.zeros(1, f0), torch.full((1, FPB), float(timestep))], dim=1)
     return t(x, steps.repeat_interleave(T, 1), embeds, return_dict=False)[0][:, :, f0:]
 
 
 @torch.no_grad()
-def _their_generation(model, embeds, noise, renoise, sigmas, size, interval):
+def _their_generation(model, embeds, noise, renoise, sigmas, size, interval, proc=_ListAttention):
     """Their block loop on whole-sequence forwards: each frame attends exactly to what it
-    attended when it was written (sink ++ the layer's visible bank ++ window ++ block)."""
+    attended when it was written (``proc``: sink ++ the layer's visible bank ++ window ++
+    block)."""
     t = model.transformer
     T, H = model.config.tokens_per_frame, model.config.num_attention_heads
-    procs = [_ListAttention(T) for _ in t.blocks]
+    procs = [proc(T) for _ in t.blocks]
     saved = [b.attn1.processor for b in t.blocks]
     for b, p in zip(t.blocks, procs):
         b.attn1.set_processor(p)
