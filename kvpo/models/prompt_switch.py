@@ -47,6 +47,21 @@ def pass_frames(policy: CachePolicy) -> int:
     return max(PASS_FRAMES, policy.local_attn_size)
 
 
+def pass_ranges(policy: CachePolicy, switch_frame: int) -> list[tuple[int, int]]:
+    """The passes of the recache at ``switch_frame``: ``(lo, hi)``, the frames ``[lo, hi)``
+    each pass writes, oldest first (passes of :func:`pass_frames` frames over
+    ``policy.recache_frames``; a pass not starting at 0 skips the sink frames, which keep the
+    first prompt's K/V; a pass left with no frame is not run)."""
+    frames, step = policy.recache_frames(switch_frame), pass_frames(policy)
+    out = []
+    for a in range(frames.start, frames.stop, step):
+        b = min(a + step, frames.stop)
+        lo = a if a == 0 else max(a, policy.sink_size)  # the sink is kept unless a == 0
+        if lo < b:
+            out.append((lo, b))
+    return out
+
+
 def pass_keys(policy: CachePolicy, lo: int, hi: int) -> tuple[list[int], list[int]]:
     """What the queries of the pass writing frames ``[lo, hi)`` attend to.
 
@@ -98,13 +113,8 @@ def recache(
     window = latents[:, :, latents.shape[2] - len(frames) :]
     window = window.expand(len(rows), *window.shape[1:])
     per_frame = model.config.tokens_per_frame
-    step = pass_frames(policy)
     cache.bank_refresh(rows, None)  # MemFlow: the switch cleared the prompt query
-    for a in range(frames.start, frames.stop, step):
-        b = min(a + step, frames.stop)
-        lo = a if a == 0 else max(a, policy.sink_size)  # the sink is kept unless a == 0
-        if lo >= b:
-            continue
+    for lo, b in pass_ranges(policy, switch_frame):
         cached, own = pass_keys(policy, lo, b)
         view = cache.view(rows, lo, b - lo, plans=[cached] * len(rows), write=True, routed=False)
         tokens = torch.tensor(own, device=model.device) - lo

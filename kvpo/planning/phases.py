@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvpo.method.routing import eligible_start_blocks
 from kvpo.planning.activations import ForwardModel
 from kvpo.planning.components import lora_parameters, transformer_bytes
 from kvpo.planning.externals import Setup, reward_footprint, text_encoder_bytes, vae_bytes
+from kvpo.planning.kv import bank_pages, kv_held_frames, pool_pages, start_frames
+from kvpo.planning.recache import largest_pass, pass_lengths
 from kvpo.training.config import TrainConfig
 
 VAE_DECODE_ELEMENTS_PER_PIXEL = 5300
@@ -76,47 +77,6 @@ class MemoryPlan:
         return worst.name, self.total(worst)
 
 
-# ---------------------------------------------------------------------- K/V
-def snapshot_frames(cfg: TrainConfig, fork: int) -> int:
-    """Frames of the fork snapshot: the sink plus the frames the routing pool and the replay
-    can still read, ``sink + (fork - max(sink, fork + P F - (resident - sink)))``."""
-    sink, R = cfg.model_kwargs.sink_size, cfg.resident_frames
-    window = cfg.perturb_num_blocks * cfg.num_frame_per_block
-    return min(sink, fork) + max(0, fork - max(sink, fork + window - (R - sink)))
-
-
-def kv_held_frames(cfg: TrainConfig, rows: int, fork: int) -> dict[str, int]:
-    """Most frames of K/V held during each rollout phase, ``rows`` rows in flight, fork at
-    ``fork``: the prefix row (``min(fork, resident)``), then the snapshot plus each live row's
-    private frames. A row keeps at most ``local_attn_size`` frames besides what it shares; its
-    sink stays shared unless a prompt switch re-encodes the window (a recache writes
-    ``local_attn_size`` frames), so the private frames are ``local_attn_size - sink`` in a phase
-    without a switch and ``local_attn_size`` in one with (``resident`` for a global window)."""
-    local, sink = cfg.model_kwargs.local_attn_size, cfg.model_kwargs.sink_size
-    if local <= 0:
-        local, sink = cfg.resident_frames, 0
-    end = fork + cfg.perturb_num_blocks * cfg.num_frame_per_block
-    switches = cfg.switch_frames
-    in_window = any(fork < s < end for s in switches)
-    after = (
-        any(end <= s < cfg.streaming_max_length for s in switches) if cfg.train_global else False
-    )
-    shared = snapshot_frames(cfg, fork)
-    return {
-        "prefix": min(fork, cfg.resident_frames),
-        "window": shared + rows * (local if in_window else local - sink),
-        "continuation": shared + rows * (local if after or in_window else local - sink),
-    }
-
-
-def pool_pages(cfg: TrainConfig, rows: int) -> int:
-    """Pages of the preallocated pool for ``rows`` rows in flight: the code's own rule
-    (``StreamingGenerator.pages_for``)."""
-    from kvpo.streaming import StreamingGenerator
-
-    return StreamingGenerator.pages_for(cfg.cache_policy(), rows, cfg.policy_frames())
-
-
 # ---------------------------------------------------------------------- the plan
 def plan_memory(cfg: TrainConfig, setup: Setup, row_micro_batch: int | None = None) -> MemoryPlan:
     """The :class:`MemoryPlan` of ``cfg`` on ``setup`` at ``row_micro_batch`` (default: the
@@ -151,21 +111,19 @@ def plan_memory(cfg: TrainConfig, setup: Setup, row_micro_batch: int | None = No
     ]
     if cfg.ema_decay > 0:
         resident.append(Line("EMA of the adapter (fp32)", lora * 4))
-    pages = pool_pages(cfg, rows)
-    resident.append(
-        Line(
-            "K/V page pool (preallocated)",
-            pages * page,
-            "code",
-            f"{pages} pages x {page / 2**20:.1f} MiB",
-        )  # fmt: skip
-    )
+    pages = pool_pages(cfg, rows, model)
+    bank = bank_pages(cfg, model)
+    pool_note = f"{pages} pages x {page / 2**20:.1f} MiB"
+    if bank:
+        pool_note += f", MemFlow's bank: up to {bank} pages a row"
+    resident.append(Line("K/V page pool (preallocated)", pages * page, "code", pool_note))
     if setup.wan:
         resident.append(Line("text encoder umT5-XXL", text_encoder_bytes(e)))
         resident.append(Line("VAE weights", vae_bytes(e)))
     if reward.weights and not cfg.reward_offload:
         resident.append(Line(f"reward model {cfg.reward_model}", reward.weights, note=reward.what))
 
+    forks = start_frames(cfg) or [cfg.model_kwargs.local_attn_size]
     segments = len(cfg.switch_frames) + 1
     latent = model.in_channels * model.latent_height * model.latent_width * e  # per frame
     videos = (G + 1) * cfg.streaming_max_length * latent
@@ -175,26 +133,35 @@ def plan_memory(cfg: TrainConfig, setup: Setup, row_micro_batch: int | None = No
     ]
     text = Line("prompt contexts (no grad)", fwd.text_bytes(segments, grad=False))
     joined = Line("rollout latents: the rows' parts before torch.cat", videos)
-    phases = [Phase("rollout", step_data + [joined, text, _nograd(fwd, rows, F)])]
+    # the fork snapshot's own recache at a switch at the fork (one row)
+    at_fork = max(pass_lengths(cfg, [f for f in forks if f in cfg.switch_frames]), default=0)
+    rollout = max(
+        (_nograd(fwd, rows, F), _recache(fwd, rows, largest_pass(cfg, forks)),
+         _recache(fwd, 1, at_fork)), key=lambda line: line.bytes,
+    )  # fmt: skip
+    phases = [Phase("rollout", step_data + [joined, text, rollout])]
     phases += _reward_phases(cfg, setup, reward, step_data, video)
     replay_rows = min(rows, G)
+    in_replay = largest_pass(cfg, forks, blocks * F)
     preds = 2 * blocks * S * fwd.output_bytes(replay_rows, F)
+    transient = max(_nograd(fwd, replay_rows, F), _recache(fwd, replay_rows, in_replay),
+                    key=lambda line: line.bytes)  # fmt: skip
     phases.append(
         Phase(
             "replay_old / replay_ref",
-            step_data + [text, Line("replay predictions", preds), _nograd(fwd, replay_rows, F)],
+            step_data + [text, Line("replay predictions", preds), transient],
         )  # fmt: skip
     )
     grad_rows = min(rmb or G, G)  # Learner.policy_gradients' chunk
-    phases.append(_grad_phase(cfg, fwd, step_data, segments, blocks, grad_rows))
+    phases.append(_grad_phase(cfg, fwd, step_data, segments, blocks, grad_rows, in_replay))
+    anchor = _try_kl_phase(cfg, fwd, step_data, segments, blocks)
+    phases += [anchor] if anchor else []
     phases.append(
         Phase("update", [Line("AdamW step (foreach): sqrt of the 2nd moments", lora * e,
                               note="CUDA's multi-tensor AdamW; the CPU's loop allocates less")])
     )  # fmt: skip
 
-    forks = [s.start_frame for s in eligible_start_blocks(
-        cfg.routing_geometry(), cfg.chunks(), cfg.perturb_within_first_x_chunks)]  # fmt: skip
-    per_fork = [kv_held_frames(cfg, rows, f) for f in forks or [cfg.model_kwargs.local_attn_size]]
+    per_fork = [kv_held_frames(cfg, rows, f, bank) for f in forks]
     held = {k: max(h[k] for h in per_fork) * page for k in per_fork[0]}  # the worst fork
     if max(held.values()) > pages * page:
         notes.append(
@@ -215,26 +182,88 @@ def _nograd(fwd: ForwardModel, rows: int, frames: int) -> Line:
     )  # fmt: skip
 
 
-def _grad_phase(cfg, fwd: ForwardModel, step_data, segments, blocks, g) -> Phase:
+def _recache(fwd: ForwardModel, rows: int, frames: int) -> Line:
+    """The no-grad forward of the largest recache pass (``frames`` 0: none, 0 bytes)."""
+    return Line(
+        f"recache pass at a switch, {rows} rows x {frames} frames",
+        fwd.nograd_peak(rows, frames) if frames else 0,
+        note=f"{fwd.tokens(rows, frames):,} tokens, no grad",
+    )  # fmt: skip
+
+
+def _grad_phase(cfg, fwd: ForwardModel, step_data, segments, blocks, g, in_replay) -> Phase:
+    """The grad replay of ``g`` rows at the backward of its last call; when a switch falls in
+    its blocks, the larger of that and its no-grad pass's recache (before any grad call)."""
     F, S = cfg.num_frame_per_block, len(cfg.denoising_step_list)
     ckpt = cfg.gradient_checkpointing
     calls = blocks * cfg.log_prob_grad_steps
-    lines = list(step_data)
+    lines = list(step_data) + _anchor_reference(cfg, fwd, blocks)
     lines.append(Line("prompt contexts (with grad)", fwd.text_bytes(segments, grad=True)))
+    lines.append(Line("replay predictions", 2 * blocks * S * fwd.output_bytes(g, F)))
+    recache = _recache(fwd, g, in_replay)
     if calls == 0:
-        return Phase("replay_grad", lines)
+        return Phase("replay_grad", lines + [recache] * bool(in_replay))
     per_call = fwd.saved(g, F, ckpt) + fwd.output_bytes(g, F)
     how = "with" if ckpt else "without"
-    lines.append(
+    grad = [
         Line(
             f"saved activations {how} checkpointing: {calls} calls x {g} rows",
             calls * per_call,
             note=f"{blocks} blocks x log_prob_grad_steps {cfg.log_prob_grad_steps}",
-        )  # fmt: skip
+        ),  # fmt: skip
+        Line("backward working set (one call)", fwd.backward_working_set(g, F, ckpt)),
+    ]
+    if recache.bytes > sum(line.bytes for line in grad):
+        return Phase("replay_grad", lines + [recache])
+    return Phase("replay_grad", lines + grad)
+
+
+def _anchor_blocks(cfg: TrainConfig, blocks: int) -> int:
+    """try_kl's anchor blocks (``AnchorKL``: ``min(perturb_num_blocks, policy blocks)``); 0
+    when the penalty is off (``AnchorKL.from_config``)."""
+    if cfg.kl_loss_mode != "try_kl" or cfg.kl_coef == 0:
+        return 0
+    return min(cfg.perturb_num_blocks, blocks)
+
+
+def _anchor_reference(cfg, fwd: ForwardModel, blocks: int) -> list[Line]:
+    """try_kl: the reference's ``n S`` x0 of the anchor, kept from the reference replay to the
+    penalty (``AnchorReference.x0``)."""
+    n, S = _anchor_blocks(cfg, blocks), len(cfg.denoising_step_list)
+    if not n:
+        return []
+    out = n * S * fwd.output_bytes(1, cfg.num_frame_per_block)
+    return [Line("try_kl: the reference's x0 of the anchor", out)]
+
+
+def _try_kl_phase(cfg, fwd: ForwardModel, step_data, segments, blocks) -> Phase | None:
+    """try_kl's grad replay of the anchor (one row, ``n`` blocks, ``anchor_grad_steps`` grad
+    calls each; after the replays' backward), at the backward of its last call
+    (:func:`kvpo.method.anchor_kl.anchor_predictions`): every call's saved activations and
+    velocity, the x0 of every step (``n S``), the next step's input of each grad step, one
+    call's backward working set. Its no-grad pass (and recache) is that of the grad replay
+    with one row."""
+    n, F, S = _anchor_blocks(cfg, blocks), cfg.num_frame_per_block, len(cfg.denoising_step_list)
+    if not n:
+        return None
+    k, ckpt, out = cfg.anchor_grad_steps, cfg.gradient_checkpointing, fwd.output_bytes(1, F)
+    how = "with" if ckpt else "without"
+    lines = (
+        list(step_data)
+        + _anchor_reference(cfg, fwd, blocks)
+        + [
+            Line("prompt contexts (with grad)", fwd.text_bytes(segments, grad=True)),
+            Line("anchor x0 predictions", n * S * out),
+            Line(
+                f"saved activations {how} checkpointing: {n * k} calls x 1 row",
+                n * k * (fwd.saved(1, F, ckpt) + out),
+                note=f"{n} blocks x anchor_grad_steps {k}",
+            ),  # fmt: skip
+            Line("next inputs of the grad steps", n * min(k, S - 1) * out),
+            Line("backward working set (one call)", fwd.backward_working_set(1, F, ckpt)),
+        ]
     )
-    lines.append(Line("backward working set (one call)", fwd.backward_working_set(g, F, ckpt)))
-    lines.append(Line("replay predictions", 2 * blocks * S * fwd.output_bytes(g, F)))
-    return Phase("replay_grad", lines)
+    return Phase("try_kl anchor replay", lines)
 
 
 def _reward_phases(cfg, setup: Setup, reward, step_data, video: int) -> list[Phase]:

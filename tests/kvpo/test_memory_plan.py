@@ -24,7 +24,7 @@ from kvpo.planning.activations import ForwardModel
 from kvpo.planning.choose import CONTEXT_BYTES, FRAGMENTATION, start_config
 from kvpo.planning.components import lora_parameters, transformer_bytes
 from kvpo.planning.externals import Setup
-from kvpo.planning.phases import kv_held_frames
+from kvpo.planning.kv import bank_pages, kv_held_frames, pool_pages, start_frames
 from kvpo.planning.sizes import SizeError
 from kvpo.training.config_parse import load_config, resolved_dtype
 from kvpo.training.optim import EMA, build_optimizer
@@ -212,6 +212,164 @@ def test_kv_held_by_the_rollout(micro):
     assert forks == {9, 15}
 
 
+def _tiny_stream(cfg, shape=None):
+    """A streaming generator of ``cfg`` on a tiny one-head model (shape ``shape``)."""
+    from kvpo.streaming import stream_from_config
+    from kvpo.video_model import VideoModel
+
+    shape = shape or tiny_config(
+        num_layers=2, num_attention_heads=1, attention_head_dim=8, latent_height=8,
+        latent_width=8, text_dim=8, ffn_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    model = CausalWan.from_config(shape)
+
+    def encode(prompts):
+        return model.encode_text(torch.randn(len(prompts), 4, 8))
+
+    video = VideoModel(model, encode, None, lambda f: f, (shape.in_channels, 8, 8))
+    built = measure(lambda: stream_from_config(video, cfg, cfg.rows_per_batch))
+    return video, built, shape
+
+
+MEMFLOW_TOY = ["routing_rule=memflow", "model_kwargs.bank_size=2", "model_kwargs.record_interval=1"]
+
+
+@pytest.mark.parametrize("micro", [0, 2])
+def test_memflow_bank_pool_and_kv_held(micro):
+    """MemFlow's bank on the toy geometry (bank 2 frames a layer, every block records): the
+    pool the generator allocates has the bank's pages (2 layers: at most 2 (2 - 1) + 1 kept and
+    the pending one, over 8 records: 4 a row, plus one per recorded block: 2), and the rollout's
+    K/V stays under the planner's bound, above the bound without the bank."""
+    from kvpo.method.rollout import rollout_group
+    from kvpo.method.routing_memflow import plan_memflow
+
+    cfg = load_config(None, [f"row_micro_batch={micro}", *MEMFLOW_TOY])
+    video, built, shape = _tiny_stream(cfg)
+    stream, rows = built.result, cfg.rows_per_batch
+    page = shape.kv_bytes_per_frame(4)
+    # StreamingGenerator.pages_for, written out: sink + window + 2 F per row over a 24-frame
+    # cache (resident 24 + F for the snapshot; 6 policy frames + 9 recache + F per row)
+    bank = 4 + 6 // 3
+    expected = 24 + 3 + rows * (max(6, 9) + 9 + 3) + bank * (rows + 1)
+    assert bank_pages(cfg, shape) == 4 and pool_pages(cfg, rows, shape) == expected
+    check(f"K/V pool with MemFlow's bank, {rows} rows", expected * page, built.net)
+    assert start_frames(cfg) == [9, 15]  # start >= local 9, min(start, 24) - 4 >= 5 slots
+    for step in (0, 2):
+        plan = plan_memflow(
+            cfg.routing_geometry(), cfg.chunks(), cfg.K, seed=1, step=step,
+            within_first_x_chunks=cfg.perturb_within_first_x_chunks,
+        )  # fmt: skip
+        texts = [video.encode(["a"]) for _ in range(len(cfg.switch_frames) + 1)]
+        ro = rollout_group(
+            stream, texts, plan, stream.noise(5), policy_frames=plan.geometry.window_frames,
+            end_frame=cfg.streaming_max_length, row_batch=micro,
+        )  # fmt: skip
+        stream.cache.free([ro.snapshot])
+        bound = kv_held_frames(cfg, rows, plan.start_frame, bank_pages(cfg, shape))
+        without = kv_held_frames(cfg, rows, plan.start_frame)
+        for phase in ("prefix", "window", "continuation"):
+            held = ro.kv_bytes[phase]
+            MEASURED.append(
+                f"K/V held with the bank, {phase}, fork {plan.start_frame}, {rows} rows: bound "
+                f"{bound[phase] * page:,} measured {held:,} (without the bank "
+                f"{without[phase] * page:,})"
+            )
+            print(MEASURED[-1])
+            assert held <= bound[phase] * page <= expected * page
+        assert ro.kv_bytes["continuation"] > without["continuation"] * page
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_recache_pass_peak(wide, dtype):
+    """A recache of every frame before a switch at 27 (``recache_size=-1``) runs passes of 21
+    and 6 frames (``pass_frames``: 21); its peak is the no-grad forward of the 21-frame pass."""
+    from kvpo.models.prompt_switch import pass_ranges, recache
+
+    model, text = wide[dtype]
+    policy = CachePolicy(
+        sink_size=1, local_attn_size=6, resident_frames=-1, frames_per_block=F, recache_size=-1
+    )
+    cache = FrameCache.create(model.config, policy, 64, dtype=model.dtype)
+    ids = cache.new_rows(ROWS)
+    with torch.no_grad():
+        for s in range(0, 27, F):
+            model.write_context(_latents(model), text, s, cache.view(ids, s, F, write=True))
+    latents = torch.randn(ROWS, 16, 27, 8, 16).to(model.dtype)
+    got = measure(lambda: recache(model, cache, ids, latents, text, 27))
+    assert pass_ranges(policy, 27) == [(0, 21), (21, 27)]
+    fwd = ForwardModel(WIDE, latents.element_size(), RANK)
+    check(f"recache pass of {ROWS} rows x 21 frames {dtype}", fwd.nograd_peak(ROWS, 21), got.peak)
+
+
+@pytest.fixture(scope="module")
+def anchor_rollout(wide):
+    """A toy-geometry rollout (K = 2, fork 9) of the wide bf16 model and try_kl's reference
+    replay of its anchor (2 blocks: P = 2); prompts of 8 tokens (the activations dominate)."""
+    from kvpo.method.anchor_kl import AnchorKL
+    from kvpo.method.rollout import rollout_group
+    from kvpo.method.routing import plan_routing
+    from kvpo.streaming import group_seed, stream_from_config
+    from kvpo.video_model import VideoModel
+
+    model, _ = wide[torch.bfloat16]
+    prompt = torch.randn(1, 8, WIDE.text_dim).to(torch.bfloat16)
+    video = VideoModel(
+        model, lambda p: model.encode_text(prompt.expand(len(p), -1, -1)), None, lambda f: f,
+        (16, WIDE.latent_height, WIDE.latent_width),
+    )  # fmt: skip
+    cfg = load_config(None, ["K=2", "kl_loss_mode=try_kl", f"adapter.rank={RANK}"])
+    stream = stream_from_config(video, cfg, cfg.rows_per_batch)
+    plan = plan_routing(
+        cfg.routing_geometry(), cfg.chunks(), cfg.K, seed=1, step=0,
+        within_first_x_chunks=cfg.perturb_within_first_x_chunks,
+    )  # fmt: skip
+    prompts = ["a", "b", "c"]
+    ro = rollout_group(
+        stream, stream.segment_texts(prompts), plan, stream.noise(group_seed(cfg.seed, 0, 0)),
+        policy_frames=cfg.policy_frames(plan), end_frame=cfg.streaming_max_length,
+    )  # fmt: skip
+    anchor = AnchorKL.from_config(cfg, stream, None)
+    return cfg, anchor, ro, prompts, anchor.reference(ro, prompts, 0, 0)
+
+
+@pytest.mark.parametrize("ckpt, steps", [(False, 1), (True, 2)], ids=["plain-1", "ckpt-2"])
+def test_try_kl_anchor_replay_peak(wide, anchor_rollout, ckpt, steps):
+    """try_kl's grad replay of the anchor and its backward against the planner's phase: the
+    lines it adds beyond the step's data and the reference's x0 (which exist before), plus the
+    LoRA gradients of the last layer back-propagated (as in the replay's test)."""
+    model, _ = wide[torch.bfloat16]
+    cfg, anchor, ro, prompts, ref = anchor_rollout
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=ckpt, anchor_grad_steps=steps)
+    anchor.grad_steps, model.gradient_checkpointing = steps, ckpt
+    assert (anchor.blocks, len(ro.policy_starts), ro.fork) == (2, 2, 9)
+
+    def penalty():
+        anchor.penalty(ro, prompts, ref, True)[0].backward()
+
+    try:
+        got = measure(penalty)
+    finally:
+        model.gradient_checkpointing = False
+        for p in model.parameters():
+            p.grad = None
+    setup = Setup(WIDE, "bfloat16", "cpu", False, 8)
+    phase = next(p for p in plan_memory(cfg, setup, 0).phases if p.name == "try_kl anchor replay")
+    before = ("rollout latents (all rows)", "recorded z, u", "try_kl: the reference's x0")
+    added = sum(line.bytes for line in phase.lines if not line.what.startswith(before))
+    # the oracle of the lines: 2 blocks x steps calls of one row, 4 x0 per block, 3 prompts
+    fwd, out = ForwardModel(WIDE, 2, RANK, text_len=8), 1 * 16 * F * 8 * 16 * 2
+    calls = 2 * steps
+    oracle = (
+        fwd.text_bytes(3, grad=True) + 2 * 4 * out + calls * (fwd.saved(1, F, ckpt) + out)
+        + calls * out + fwd.backward_working_set(1, F, ckpt)
+    )  # fmt: skip
+    assert added == oracle
+    layer_grads = lora_parameters(WIDE, RANK) * 2 // WIDE.num_layers
+    check(f"try_kl anchor replay + backward, ckpt={ckpt}, {steps} grad steps",
+          added + layer_grads, got.peak)  # fmt: skip
+
+
 def test_parameter_counts_match_the_modules():
     from transformers import Qwen2VLConfig, Qwen2VLModel, UMT5Config, UMT5EncoderModel
 
@@ -288,6 +446,31 @@ def test_what_does_not_fit_and_which_option_would(longlive):
     assert hopeless.options[0].startswith("reward_offload=true: still does not fit")
     assert hopeless.options[-1].startswith("no configuration option makes it fit")
     assert "decoded videos of this step (fp32) 23.50 GiB" in hopeless.options[-1]
+
+
+def test_recache_bank_and_try_kl_at_the_papers_settings(longlive):
+    """At Wan-1.3B scale: the switch recache (12 frames, one pass) is the rollout's transient;
+    MemFlow's pool has 18 bank pages a row plus 6 for the policy blocks; try_kl adds its phase."""
+    cfg, setup = longlive
+    plan = plan_memory(cfg, setup, 5)
+    line = plan.phases[0].lines[-1]
+    tokens = 5 * 12 * 1560
+    peak = 2 * tokens * (3 * 8960 + 8 * 1536) + 5 * 12 * 6 * 1536 * 4 + 2 * 12 * 1560 * 128 * 4
+    assert line.what == "recache pass at a switch, 5 rows x 12 frames" and line.bytes == peak
+    assert "try_kl anchor replay" not in [p.name for p in plan.phases]
+    try_kl = dataclasses.replace(cfg, kl_loss_mode="try_kl")
+    anchor = next(p for p in plan_memory(try_kl, setup, 5).phases if p.name.startswith("try_kl"))
+    saved = next(line for line in anchor.lines if line.what.startswith("saved activations"))
+    assert saved.what.endswith("5 calls x 1 row")  # P = 5 blocks x anchor_grad_steps 1
+    memflow = load_config("configs/memflow.yaml", ["row_micro_batch=0"])
+    # 147 frames, a record every 9: 17 records (under 30 x (3 - 1) + 1) and the pending one
+    assert bank_pages(memflow, WAN_1_3B) == 18
+    for rows in (1, 5):  # resident 33 + F, per row 18 policy + 12 recache + F, bank 18 + 6
+        pages = 33 + 3 + rows * (18 + 12 + 3) + (18 + 6) * (rows + 1)
+        assert pool_pages(memflow, rows, WAN_1_3B) == pages
+        pool = plan_memory(memflow, setup, rows).resident[5]
+        assert pool.what.startswith("K/V page pool")
+        assert pool.bytes == pages * 2 * 30 * 1560 * 1536 * 2  # K and V of 30 layers, bf16
 
 
 def test_reward_models_by_name(longlive):
