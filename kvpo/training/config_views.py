@@ -18,6 +18,7 @@ class TypedViews:
         return CachePolicy(
             mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block,
             recache_size=recache, bank_size=mk.bank_size, record_interval=mk.record_interval,
+            recache_rule=self.recache_rule,
         )  # fmt: skip
 
     def schedule(self):
