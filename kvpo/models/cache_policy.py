@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+RECACHE_RULES = ("longlive", "memflow")
+
 
 @dataclass(frozen=True)
 class CachePolicy:
@@ -12,6 +14,11 @@ class CachePolicy:
     ``recache_size``: frames re-encoded at a prompt switch: None = ``local_attn_size`` (LongLive;
     every frame with global attention), -1 = every frame before the switch, else that many (the
     KVPO code's ``recache_full_kv_cache_after_switch`` uses ``resident_frames``).
+
+    ``recache_rule``: how the recache runs its frames (:mod:`kvpo.models.prompt_switch`):
+    ``"longlive"`` in passes of at most ``max(21, local_attn_size)`` frames, ``"memflow"`` in one
+    pass (MemFlow's ``recache_after_switch`` re-encodes ``local_attn_size`` frames, it has no
+    ``recache_size``).
 
     ``bank_size``: frames of MemFlow's memory bank per layer (0: no bank, LongLive);
     ``record_interval``: a block starting at a multiple of ``frames_per_block * record_interval``
@@ -28,6 +35,7 @@ class CachePolicy:
     bank_size: int = 0
     record_interval: int = 3
     sma: bool = False
+    recache_rule: str = "longlive"
 
     def __post_init__(self) -> None:
         if self.frames_per_block < 1 or self.sink_size < 0:
@@ -42,6 +50,15 @@ class CachePolicy:
             )
         if self.recache_size is not None and self.recache_size < 1 and self.recache_size != -1:
             raise ValueError(f"recache_size must be None, -1 or >= 1, got {self.recache_size}")
+        if self.recache_rule not in RECACHE_RULES:
+            raise ValueError(
+                f"recache_rule must be one of {RECACHE_RULES}, got {self.recache_rule!r}"
+            )
+        if self.recache_rule == "memflow" and self.recache_size is not None:
+            raise ValueError(
+                "recache_rule 'memflow' re-encodes the last local_attn_size frames (MemFlow's "
+                f"recache has no full-cache option); got recache_size={self.recache_size}"
+            )
         if self.bank_size < 0 or self.record_interval < 1:
             raise ValueError(
                 f"need bank_size >= 0 (0: no memory bank) and record_interval >= 1, got "

@@ -146,6 +146,13 @@ class TrainConfig(TypedViews):
         False,
         "a prompt switch re-encodes all resident_frames frames (false: local_attn_size)",
     )
+    recache_rule: str = _f(
+        "longlive",
+        "the prompt-switch recache: 'longlive' (passes of 21 frames) or 'memflow' (one pass, "
+        "needs recache_full_kv_cache_after_switch false); both attend to the sink and the "
+        "newest local_attn_size - sink_size frames (and the bank), unmasked",
+        choices=("longlive", "memflow"),
+    )
     model_kwargs: ModelKwargs = _f(ModelKwargs(), "cache geometry (see model_kwargs.*)")
     slice_last_frames: int = _f(
         15, "resident cache = local_attn_size + slice_last_frames frames (older frames to route)"

@@ -19,6 +19,7 @@ class TypedViews:
             mk.sink_size, mk.local_attn_size, self.resident_frames, self.num_frame_per_block,
             recache_size=recache, bank_size=mk.bank_size, record_interval=mk.record_interval,
             sma=mk.sma,
+            recache_rule=self.recache_rule,
         )  # fmt: skip
 
     def schedule(self):

@@ -67,6 +67,11 @@ def _ranges(cfg: TrainConfig) -> list[str]:
         mk.record_interval >= 1,
         f"model_kwargs.record_interval must be >= 1, got {mk.record_interval}",
     )
+    need(
+        cfg.recache_rule != "memflow" or not cfg.recache_full_kv_cache_after_switch,
+        "recache_rule 'memflow' re-encodes the last local_attn_size frames (MemFlow's recache "
+        "has no full-cache option): recache_full_kv_cache_after_switch must be false, got true",
+    )
     need(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
     rows = cfg.row_micro_batch
     need(

@@ -133,8 +133,8 @@ def test_memflow_loads_with_their_values(capsys):
     assert cfg.generator_ckpt == "checkpoints/memflow/base.pt"
     assert cfg.m_nearest_frames == 3  # MemFlow's rule: 12 - 3 = 9 routed cache slots
     assert (cfg.model_kwargs.bank_size, cfg.model_kwargs.record_interval) == (3, 3)
-    assert cfg.routing_rule == "memflow"
-    assert cfg.cache_policy().bank_size == 3
+    assert cfg.routing_rule == "memflow" and cfg.recache_rule == "memflow"
+    assert cfg.cache_policy().bank_size == 3 and cfg.cache_policy().recache_rule == "memflow"
     assert not cfg.model_kwargs.sma and not cfg.cache_policy().sma  # their SMA: False
     assert cfg.row_micro_batch == 4  # branch_backward_chunk_size 4
     assert cfg.output_dir == "logs/memflow" and cfg.sync_every == 2
@@ -145,8 +145,9 @@ def test_memflow_loads_with_their_values(capsys):
     longlive = load_config(LONGLIVE)
     differ = {k for k, v in cfg.to_dict().items() if longlive.to_dict()[k] != v}
     assert differ == {"generator_ckpt", "lora_ckpt", "m_nearest_frames", "row_micro_batch",
-                      "output_dir", "model_kwargs", "routing_rule"}  # fmt: skip
+                      "output_dir", "model_kwargs", "routing_rule", "recache_rule"}  # fmt: skip
     assert longlive.routing_rule == "longlive" and longlive.model_kwargs.bank_size == 0
+    assert longlive.recache_rule == "longlive"
 
 
 def test_the_translation_passes_validation_apart_from_missing_paths():
@@ -365,6 +366,16 @@ def test_recache_full_kv_cache_after_switch(tmp_path):
     assert cfg.cache_policy().recache_frames(60) == range(27, 60)
     row = {r.key: r for r in translate(data).rows}["recache_full_kv_cache_after_switch"]
     assert row.present and row.kind == MAPPED
+    # their MemFlow recache_after_switch never reads it: one pass over local_attn_size frames
+    data = _raw(MEMFLOW)
+    data["recache_full_kv_cache_after_switch"] = True
+    translation = translate(data)
+    row = {r.key: r for r in translation.rows}["recache_full_kv_cache_after_switch"]
+    assert row.present and row.kind == NO_EFFECT
+    assert any("no effect in their MemFlow pipeline" in n for n in translation.notes)
+    cfg = load_config(_write(tmp_path, data))
+    assert (cfg.recache_full_kv_cache_after_switch, cfg.recache_rule) == (False, "memflow")
+    assert cfg.cache_policy().recache_frames(60) == range(48, 60)
 
 
 @pytest.mark.parametrize(

@@ -120,6 +120,17 @@ def test_validate_routing_that_cannot_fit():
     )
 
 
+def test_validate_recache_rule():
+    text = _problems(None, ["recache_rule=memflow", "recache_full_kv_cache_after_switch=true"])
+    assert "recache_rule 'memflow' re-encodes the last local_attn_size frames" in text
+    assert "recache_rule must be one of ('longlive', 'memflow'), got 'causal'" in _problems(
+        None, ["recache_rule=causal"]
+    )
+    cfg = load_config(None, ["recache_rule=memflow"])
+    validate(cfg)
+    assert cfg.cache_policy().recache_rule == "memflow" and TrainConfig().recache_rule == "longlive"
+
+
 def test_validate_gate_and_energy_keys():
     text = _problems(
         None,

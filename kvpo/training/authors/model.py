@@ -3,6 +3,7 @@ exploration keys."""
 
 from __future__ import annotations
 
+from kvpo.training.authors.rules import NO_EFFECT
 from kvpo.training.authors.translation import Translator
 from kvpo.training.authors.values import integer
 
@@ -27,17 +28,32 @@ def translate_model(t: Translator) -> None:
         "model_kwargs.sink_size",
         "slice_last_frames",
         "context_noise",
-        "recache_full_kv_cache_after_switch",
     )
     if t.has("model_kwargs.bank_size") or t.has("model_kwargs.record_interval"):
         bank_keys = [k for k in ("model_kwargs.bank_size", "model_kwargs.record_interval")
                      if t.has(k)]  # fmt: skip
         t.copy(*bank_keys)
         t.set("routing_rule", "memflow", bank_keys[0])  # their MemFlow pipeline's routing
+        t.set("recache_rule", "memflow", bank_keys[0])  # and its one-pass recache
+        _memflow_recache_size(t)
+    else:
+        t.copy("recache_full_kv_cache_after_switch")
     if t.has("model_kwargs.SMA"):
         sma = t.value("model_kwargs.SMA")
         t.set("model_kwargs.sma", sma, "model_kwargs.SMA")
         t.row("model_kwargs.SMA", f"model_kwargs.sma = {sma!r}")
+
+
+def _memflow_recache_size(t: Translator) -> None:
+    """Their MemFlow ``recache_after_switch`` re-encodes ``local_attn_size`` frames whatever
+    ``recache_full_kv_cache_after_switch`` says (only their LongLive pipeline reads it)."""
+    key = "recache_full_kv_cache_after_switch"
+    t.set(key, False, key)
+    t.row(key, f"{key} = False (recache_rule = 'memflow': their MemFlow recache ignores it)",
+          NO_EFFECT)  # fmt: skip
+    if t.value(key):
+        t.note(key, "no effect in their MemFlow pipeline: a switch re-encodes the last "
+               "local_attn_size frames; set false here")  # fmt: skip
 
 
 def translate_prompts(t: Translator) -> None:

@@ -2,6 +2,7 @@
 ``recache_after_switch``: no mask inside a pass, sink + the newest ``local_attn_size - sink``
 frames ending at the pass end as keys, the sink kept unless the pass starts at frame 0)."""
 
+import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
@@ -49,9 +50,16 @@ def _oracle(model, latents, new, old, old_frames, attends):
 
 
 def _served_kv(cache, row, frames, layer):
-    """K/V of ``frames`` as the row's cache serves them: ``[T, H, D]`` each."""
-    view = cache.view([row], max(frames) + 1, FPB, plans=[list(frames)])
-    pages = cache.store.kv_pages(layer)[view.page_table[0, : len(frames)].long()]
+    """K/V of ``frames`` (ascending) as the row's cache serves them: ``[T, H, D]`` each (a
+    MemFlow view holds the layer's bank pages after the sink frames: skipped)."""
+    frames = list(frames)
+    view = cache.view([row], max(frames) + 1, FPB, plans=[frames])
+    bank = cache.bank(row)
+    skip = len(bank.slots[layer]) if bank is not None else 0
+    cut = sum(f < cache.policy.sink_size for f in frames)
+    table = view.table(layer)[0][0].long()
+    table = torch.cat([table[:cut], table[cut + skip : len(frames) + skip]])
+    pages = cache.store.kv_pages(layer)[table]
     return pages[:, 0].flatten(0, 1), pages[:, 1].flatten(0, 1)
 
 
@@ -152,3 +160,138 @@ def test_switch_in_generate_equals_recache_then_generate():
                         switches={10: model.encode_text(new)})  # fmt: skip
     torch.testing.assert_close(both.latents[:, :, 10:], after.latents, **TOL)
     assert cache.frames(row) == list(range(12))  # resident_frames = 12 keeps every frame
+
+
+# --------------------------------------------------------------------------- MemFlow's rule
+def test_memflow_recache_is_one_pass():
+    """recache_rule 'memflow' (their MemFlow recache_after_switch: one generator call over
+    min(local_attn, switch) frames, every frame with global attention): 26 frames in one pass,
+    each attending to all 26; LongLive's passes of 21 give other K/V."""
+    model = random_model(seed=2)
+    old, new = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    served = {}
+    for rule in ("memflow", "longlive"):
+        policy = CachePolicy(
+            sink_size=2, local_attn_size=-1, resident_frames=-1, frames_per_block=FPB,
+            recache_rule=rule,
+        )  # fmt: skip
+        cache, row, latents, frames, _ = _generate_then_recache(model, policy, 26, old, new)
+        assert frames == range(0, 26)
+        served[rule] = _served_kv(cache, row, range(21), 1)[0]
+        if rule == "memflow":
+            records = _oracle(model, latents, new, old, [], lambda q: list(range(26)))
+            _check(model, cache, row, records, range(26))
+    assert (served["memflow"] - served["longlive"]).abs().max() > 1e-3
+
+
+class _TheirRecacheAttention(WanAttnProcessor):
+    """Their cached self-attention of the recache pass (``CausalWanSelfAttention.forward`` with
+    a cache, ``is_recache=True``), one layer, on the whole sequence ``[0, switch)``: the queries
+    of frames ``>= first`` attend, without a mask, to ``k_cat = [k_sink, k_bank, k_local]``:
+    ``outer`` (the cached sink and the bank, ``[n, H, D]`` each) then the tokens of the
+    ``local`` frames of this sequence; other frames attend to themselves (unused). Records the
+    sequence's RoPE'd keys and values."""
+
+    def __init__(self, T, first, outer, local):
+        super().__init__()
+        self.T, self.first, self.outer, self.local, self.kv = T, first, outer, local, None
+
+    def __call__(self, attn, hidden, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):  # fmt: skip
+        T, heads = self.T, attn.heads
+        q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (heads, -1))
+        k = attn.norm_k(attn.to_k(hidden)).unflatten(2, (heads, -1))
+        v = attn.to_v(hidden).unflatten(2, (heads, -1))
+        cos, sin = rotary_emb[0][..., 0::2], rotary_emb[1][..., 1::2]
+
+        def rope(x):
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            out = torch.empty_like(x)
+            out[..., 0::2], out[..., 1::2] = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+            return out
+
+        q, k = rope(q), rope(k)
+        self.kv = (k.detach(), v.detach())
+        idx = torch.cat([torch.arange(f * T, (f + 1) * T) for f in self.local])
+        k_cat = torch.cat([self.outer[0][None], k[:, idx]], dim=1)
+        v_cat = torch.cat([self.outer[1][None], v[:, idx]], dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=torch.eye(q.shape[1] // T, dtype=torch.bool).repeat_interleave(T, 0)
+            .repeat_interleave(T, 1),
+        )  # fmt: skip
+        lo = self.first * T
+        out[:, :, lo:] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, lo:].transpose(1, 2), k_cat.transpose(1, 2), v_cat.transpose(1, 2)
+        )
+        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+
+
+@torch.no_grad()
+def _their_memflow_recache(model, latents, new, first, outer, local):
+    """Per layer ``(k, v)`` ``[1, F * T, H, D]`` of their one recache pass over ``latents``
+    (t = 0, the new prompt): the frames ``>= first`` as :class:`_TheirRecacheAttention`."""
+    t, T = model.transformer, model.config.tokens_per_frame
+    procs = [_TheirRecacheAttention(T, first, kv, local) for kv in outer]
+    saved = [b.attn1.processor for b in t.blocks]
+    try:
+        for b, p in zip(t.blocks, procs):
+            b.attn1.set_processor(p)
+        steps = torch.zeros(1, latents.shape[2] * T)
+        t(latents, steps, new, return_dict=False)
+    finally:
+        for b, p in zip(t.blocks, saved):
+            b.attn1.set_processor(p)
+    return [p.kv for p in procs]
+
+
+@pytest.mark.parametrize("bank_size", [3, 2])
+def test_memflow_recache_with_bank_equals_their_one_pass(bank_size):
+    """Switch at 10 (sink 2, local 6, blocks of 2, a record every 2 blocks: frames 0, 4, 8):
+    frames 4..9 re-encoded in one pass, each attending to the cached sink (first prompt), the
+    whole bank after its refresh with a cleared query (their ``q_bank`` with the zeroed
+    cross-attention cache: slot ``records - 1`` while it fits, else the ``bank_size - 1`` first
+    slots by the tie rule, then the pending frame 8 as recorded) and the new K/V of 6..9."""
+    model = random_model(seed=3)
+    policy = CachePolicy(
+        sink_size=2, local_attn_size=6, resident_frames=12, frames_per_block=FPB,
+        bank_size=bank_size, record_interval=2, recache_rule="memflow",
+    )  # fmt: skip
+    old, new = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, 3, 10, 16, 16, generator=g)
+    renoise = torch.randn(3, 1, 3, 10, 16, 16, generator=g)
+    cache = FrameCache.create(model.config, policy, num_pages=128)
+    (row,) = cache.new_rows(1)
+    with torch.no_grad():
+        gen = generate(model, cache, [row], model.encode_text(old), noise, renoise=renoise)
+    bank = cache.bank(row)
+    assert bank.records == 3 and bank.frames[bank.pending] == 8
+    outer, expected = [], []
+    for layer in range(2):  # their cache before the pass: sink and bank K/V, per layer
+        slots = bank.slots[layer]  # their slot records - 1 while it fits, else tied top-k
+        slots = (slots if bank.records <= bank_size else slots[: bank_size - 1]) + [bank.pending]
+        expected.append([bank.frames[p] for p in slots])
+        pages = cache.store.kv_pages(layer)[torch.tensor(slots)].clone()  # [n, 2, T, H, D]
+        k_sink, v_sink = _served_kv(cache, row, [0, 1], layer)
+        outer.append(
+            (torch.cat([k_sink, pages[:, 0].flatten(0, 1)]),
+             torch.cat([v_sink, pages[:, 1].flatten(0, 1)]))
+        )  # fmt: skip
+    assert expected == ([[0, 4, 8]] * 2 if bank_size == 3 else [[0, 8]] * 2)
+    with torch.no_grad():
+        frames = recache(model, cache, [row], gen.latents, model.encode_text(new), 10)
+    assert frames == range(4, 10)
+    assert [cache.bank(row).layer_frames(layer) for layer in range(2)] == expected
+    records = _their_memflow_recache(model, gen.latents, new, 4, outer, [6, 7, 8, 9])
+    _check(model, cache, row, records, range(4, 10))
+    no_bank = [(k[: 2 * 16], v[: 2 * 16]) for k, v in outer]  # the sink only
+    without = _their_memflow_recache(model, gen.latents, new, 4, no_bank, [6, 7, 8, 9])
+    assert (without[1][0] - records[1][0]).abs().max() > 1e-3  # the bank changes the K/V
+
+
+def test_memflow_recache_rule_is_checked():
+    with pytest.raises(ValueError, match="recache_rule must be one of"):
+        CachePolicy(recache_rule="causal")
+    with pytest.raises(ValueError, match="no full-cache option"):
+        CachePolicy(recache_size=-1, recache_rule="memflow")
