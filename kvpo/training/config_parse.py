@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -191,7 +192,7 @@ def key_docs(cls=TrainConfig, prefix: str = "") -> list[KeyDoc]:
         if hint == list[RewardComponent]:
             default = ", ".join(f"{c.name}:{c.weight:g}" for c in default)
         name = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
-        name = name or str(hint).replace("kvpo.training.config.", "")
+        name = name or re.sub(r"\bkvpo\.training\.config\w*\.", "", str(hint))
         out.append(
             KeyDoc(prefix + f.name, name, default, f.metadata["help"], f.metadata["choices"], group)
         )

@@ -44,14 +44,8 @@ from kvpo.training.authors.keys import (
     pattern,
 )
 from kvpo.training.authors.report import check_table, mapping_table, markdown, rule_counts
-from kvpo.training.authors.rules import (
-    MAPPED,
-    NO_EFFECT,
-    NOT_IMPLEMENTED,
-    RULE_BY_KEY,
-    RULES,
-    Rule,
-)
+from kvpo.training.authors.rule import MAPPED, NO_EFFECT, NOT_IMPLEMENTED, Rule
+from kvpo.training.authors.rules import RULE_BY_KEY, RULES
 from kvpo.training.authors.signals import SCORERS
 from kvpo.training.authors.translate import load, translate
 from kvpo.training.authors.translation import Row, Translation

@@ -8,7 +8,8 @@ import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from kvpo.training.authors.rules import ALIAS, NODES, RULE_BY_KEY
+from kvpo.training.authors.rule import ALIAS, NODES
+from kvpo.training.authors.rules import RULE_BY_KEY
 from kvpo.training.config import ConfigError
 
 MEMFLOW_ONLY = frozenset({

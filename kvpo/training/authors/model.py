@@ -3,7 +3,7 @@ exploration keys."""
 
 from __future__ import annotations
 
-from kvpo.training.authors.rules import NO_EFFECT
+from kvpo.training.authors.rule import NO_EFFECT
 from kvpo.training.authors.translation import Translator
 from kvpo.training.authors.values import integer
 

@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 
 from kvpo.training.authors.keys import files, is_authors_format
-from kvpo.training.authors.rules import ALIAS, KINDS, MAPPED, NO_EFFECT, NOT_IMPLEMENTED, RULES
+from kvpo.training.authors.rule import ALIAS, KINDS, MAPPED, NO_EFFECT, NOT_IMPLEMENTED
+from kvpo.training.authors.rules import RULES
 from kvpo.training.authors.translate import translate
 from kvpo.training.authors.translation import IMPLIED, Translation
 

@@ -1,51 +1,19 @@
 """The table of the KVPO authors' keys (their ``train_kvpo_*.yaml`` files and multi-node
 launcher): what their code does with each, what it does here, its category, their code's default
-and how its value is read. ``docs/authors-config.md`` prints it.
+and how its value is read. ``docs/authors-config.md`` prints it. The row type: :mod:`.rule`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 from kvpo.training.authors import values
-
-MAPPED = "mapped"
-NO_EFFECT = "no effect here"
-NOT_IMPLEMENTED = "not implemented here"
-KINDS = (MAPPED, NO_EFFECT, NOT_IMPLEMENTED)
-
-ALIAS = "<alias>"  # a user-chosen node name under multinode.nodes
-NODES = "multinode.nodes."
-
-
-class _Required:
-    def __repr__(self) -> str:
-        return "required"
-
-
-REQUIRED = _Required()
-"""``Rule.default`` of a key the authors' code needs (it stops without it)."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One key of the authors' files: what their code does with it and what it does here.
-
-    ``default``: the value their code uses when the key is absent (their ``getattr`` default, or
-    their ``configs/default_config.yaml``); :data:`REQUIRED` when their code needs the key; None
-    where the absence has no effect. ``group``: rules printed as one line (the launcher's
-    ``multinode`` section). ``parse``: the reader of the value (:mod:`.values`), or None.
-    """
-
-    key: str
-    kind: str
-    theirs: str
-    here: str
-    default: Any = None
-    group: str | None = None
-    parse: Callable[[Any, str], Any] | None = None
+from kvpo.training.authors.rule import (
+    ALIAS,
+    MAPPED,
+    NO_EFFECT,
+    NODES,
+    REQUIRED,
+    Rule,
+)
 
 
 def _node(field_name: str, theirs: str) -> Rule:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvpo.training.authors.keys import MEMFLOW_MODEL
-from kvpo.training.authors.rules import NO_EFFECT
+from kvpo.training.authors.rule import NO_EFFECT
 from kvpo.training.authors.translation import Translator
 from kvpo.training.authors.values import choice, integer
 from kvpo.training.config import ConfigError

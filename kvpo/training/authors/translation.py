@@ -15,13 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvpo.training.authors.keys import flatten, our_keys, pattern, unknown_key
-from kvpo.training.authors.rules import (
-    KINDS,
-    NO_EFFECT,
-    NOT_IMPLEMENTED,
-    REQUIRED,
-    RULE_BY_KEY,
-)
+from kvpo.training.authors.rule import KINDS, NO_EFFECT, NOT_IMPLEMENTED, REQUIRED
+from kvpo.training.authors.rules import RULE_BY_KEY
 
 OURS = "this project's key"  # the row of a key of this project's config in the file
 IMPLIED_KIND = "implied"  # the row of a setting their code fixes without a key
