@@ -91,13 +91,11 @@ def test_rollout_rows_see_the_bank_of_a_plain_row(setup, first_chunk):
     assert stream.cache.held_bytes == 0  # the bank's page references are all returned
 
 
-def test_replay_sees_the_rollouts_bank(setup, monkeypatch):
-    """Unrouted branches replayed with the rollout's weights reproduce its velocities (energy
-    0): the replay refreshes and records the bank as the rollout did. A replay that skips the
-    records (their ``_denoise_blocks``: ``update_bank=False``) does not."""
-    model, texts, noise = setup
-    plan = plan_memflow(GEOMETRY, chunk_layout(T, 9, 6), 3, seed=3, step=0)
-    stream = _stream(model)
+def _unrouted_replays_reproduce(stream, texts, plan, noise):
+    """Rolls out ``plan`` unrouted and checks that replays with the rollout's weights reproduce
+    its velocities (energy 0): no-grad of branches 0..2 and, with one grad step, of 0 and 1
+    (the grad replay's pinned views: each block's bank kept until the second pass). Returns the
+    rollout and the grad replay's energies ``[2]``."""
     ro = rollout_group(
         stream, texts, plan, noise, policy_frames=GEOMETRY.window_frames, end_frame=T,
         routed=False,
@@ -105,11 +103,22 @@ def test_replay_sees_the_rollouts_bank(setup, monkeypatch):
     weights = step_weights(SCHEDULE, "uniform")
     with torch.no_grad():
         energy = replay_energies(stream, ro, texts, weights, branches=[0, 1, 2], grad_steps=0)
-        assert energy.abs().max() < 1e-9
-    # the grad replay's pinned views (each block's bank kept until the second pass) too
+    assert energy.abs().max() < 1e-9
     pinned = replay_energies(stream, ro, texts, weights, branches=[0, 1], grad_steps=1)
     assert pinned.requires_grad and pinned.detach().abs().max() < 1e-9
+    return ro, pinned
+
+
+def test_replay_sees_the_rollouts_bank(setup, monkeypatch):
+    """Unrouted branches replayed with the rollout's weights reproduce its velocities (energy
+    0): the replay refreshes and records the bank as the rollout did. A replay that skips the
+    records (their ``_denoise_blocks``: ``update_bank=False``) does not."""
+    model, texts, noise = setup
+    plan = plan_memflow(GEOMETRY, chunk_layout(T, 9, 6), 3, seed=3, step=0)
+    stream = _stream(model)
+    ro, _ = _unrouted_replays_reproduce(stream, texts, plan, noise)
     assert stream.cache.rows() == [ro.snapshot]
+    weights = step_weights(SCHEDULE, "uniform")
     with torch.no_grad():
         monkeypatch.setattr(stream.cache, "bank_record", lambda rows, frame: None)
         skipped = replay_energies(stream, ro, texts, weights, branches=[0], grad_steps=0)
@@ -134,16 +143,7 @@ def test_sma_rollout_and_replay_follow_a_plain_row(setup):
         whole = _alone(model, texts, noise, plan, g, bank=3)
         assert (whole[0] - ro.latents[3 if g is None else g]).abs().max() > 1e-3
     stream.cache.free([ro.snapshot])
-    ro = rollout_group(
-        stream, texts, plan, noise, policy_frames=GEOMETRY.window_frames, end_frame=T,
-        routed=False,
-    )  # fmt: skip
-    weights = step_weights(SCHEDULE, "uniform")
-    with torch.no_grad():
-        energy = replay_energies(stream, ro, texts, weights, branches=[0, 1, 2], grad_steps=0)
-    assert energy.abs().max() < 1e-9
-    pinned = replay_energies(stream, ro, texts, weights, branches=[0, 1], grad_steps=1)
-    assert pinned.requires_grad and pinned.detach().abs().max() < 1e-9
+    ro, pinned = _unrouted_replays_reproduce(stream, texts, plan, noise)
     pinned.sum().backward()  # the gathered sink/bank keys take no gradient; the block's do
     stream.cache.free([ro.snapshot])
     assert stream.cache.held_bytes == 0

@@ -169,37 +169,17 @@ def test_kv_held_by_the_rollout(micro):
     """K/V bytes the rollout reports per phase against the planner's frames, toy geometry
     (sink 3, window 9, resident 24, P = 2 blocks) on a tiny model: forks at 9 (a prompt switch
     in the continuation) and 15 (the switch at the fork)."""
-    from kvpo.method.rollout import rollout_group
     from kvpo.method.routing import plan_routing
-    from kvpo.streaming import stream_from_config
-    from kvpo.video_model import VideoModel
 
     cfg = load_config(None, [f"row_micro_batch={micro}"])
     shape = tiny_config(
         num_layers=1, num_attention_heads=1, attention_head_dim=8, latent_height=8,
         latent_width=8, text_dim=8, ffn_dim=16,
     )  # fmt: skip
-    torch.manual_seed(2)
-    model = CausalWan.from_config(shape)
-
-    def encode(prompts):
-        return model.encode_text(torch.randn(len(prompts), 4, 8))
-
-    video = VideoModel(model, encode, None, lambda f: f, (shape.in_channels, 8, 8))
-    stream = stream_from_config(video, cfg, cfg.rows_per_batch)
+    video, built, _ = _tiny_stream(cfg, shape)
     page = shape.kv_bytes_per_frame(4)
     forks = set()
-    for step in (0, 2):
-        plan = plan_routing(
-            cfg.routing_geometry(), cfg.chunks(), cfg.K, seed=1, step=step,
-            within_first_x_chunks=cfg.perturb_within_first_x_chunks,
-        )  # fmt: skip
-        texts = [video.encode(["a"]) for _ in range(len(cfg.switch_frames) + 1)]
-        ro = rollout_group(
-            stream, texts, plan, stream.noise(5), policy_frames=plan.geometry.window_frames,
-            end_frame=cfg.streaming_max_length, row_batch=micro,
-        )  # fmt: skip
-        stream.cache.free([ro.snapshot])
+    for plan, ro in _fork_rollouts(cfg, video, built.result, plan_routing):
         forks.add(plan.start_frame)
         predicted = kv_held_frames(cfg, cfg.rows_per_batch, plan.start_frame)
         for phase in ("prefix", "window", "continuation"):
@@ -230,6 +210,26 @@ def _tiny_stream(cfg, shape=None):
     return video, built, shape
 
 
+def _fork_rollouts(cfg, video, stream, planner):
+    """Yields ``(plan, rollout)`` for ``planner``'s plans of steps 0 and 2 (seed 1), each group
+    rolled out by ``stream`` in micro-batches of ``cfg.row_micro_batch`` rows and its fork
+    snapshot freed."""
+    from kvpo.method.rollout import rollout_group
+
+    for step in (0, 2):
+        plan = planner(
+            cfg.routing_geometry(), cfg.chunks(), cfg.K, seed=1, step=step,
+            within_first_x_chunks=cfg.perturb_within_first_x_chunks,
+        )  # fmt: skip
+        texts = [video.encode(["a"]) for _ in range(len(cfg.switch_frames) + 1)]
+        ro = rollout_group(
+            stream, texts, plan, stream.noise(5), policy_frames=plan.geometry.window_frames,
+            end_frame=cfg.streaming_max_length, row_batch=cfg.row_micro_batch,
+        )  # fmt: skip
+        stream.cache.free([ro.snapshot])
+        yield plan, ro
+
+
 MEMFLOW_TOY = ["routing_rule=memflow", "model_kwargs.bank_size=2", "model_kwargs.record_interval=1"]
 
 
@@ -239,7 +239,6 @@ def test_memflow_bank_pool_and_kv_held(micro):
     pool the generator allocates has the bank's pages (2 layers: at most 2 (2 - 1) + 1 kept and
     the pending one, over 8 records: 4 a row, plus one per recorded block: 2), and the rollout's
     K/V stays under the planner's bound, above the bound without the bank."""
-    from kvpo.method.rollout import rollout_group
     from kvpo.method.routing_memflow import plan_memflow
 
     cfg = load_config(None, [f"row_micro_batch={micro}", *MEMFLOW_TOY])
@@ -253,17 +252,7 @@ def test_memflow_bank_pool_and_kv_held(micro):
     assert bank_pages(cfg, shape) == 4 and pool_pages(cfg, rows, shape) == expected
     check(f"K/V pool with MemFlow's bank, {rows} rows", expected * page, built.net)
     assert start_frames(cfg) == [9, 15]  # start >= local 9, min(start, 24) - 4 >= 5 slots
-    for step in (0, 2):
-        plan = plan_memflow(
-            cfg.routing_geometry(), cfg.chunks(), cfg.K, seed=1, step=step,
-            within_first_x_chunks=cfg.perturb_within_first_x_chunks,
-        )  # fmt: skip
-        texts = [video.encode(["a"]) for _ in range(len(cfg.switch_frames) + 1)]
-        ro = rollout_group(
-            stream, texts, plan, stream.noise(5), policy_frames=plan.geometry.window_frames,
-            end_frame=cfg.streaming_max_length, row_batch=micro,
-        )  # fmt: skip
-        stream.cache.free([ro.snapshot])
+    for plan, ro in _fork_rollouts(cfg, video, stream, plan_memflow):
         bound = kv_held_frames(cfg, rows, plan.start_frame, bank_pages(cfg, shape))
         without = kv_held_frames(cfg, rows, plan.start_frame)
         for phase in ("prefix", "window", "continuation"):

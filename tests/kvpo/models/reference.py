@@ -26,6 +26,26 @@ def random_model(config=None, seed: int = 0) -> CausalWan:
     return model.eval()
 
 
+def plain_qkv(attn, hidden: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:
+    """A Wan self-attention's queries, keys and values, written out: ``q, k, v: [B, N, H, D]``
+    of ``hidden [B, N, dim]``, ``q`` and ``k`` RMS-normed and rotated by ``rotary_emb = (cos,
+    sin)`` (each ``[1, N, 1, D]``, its entries in equal pairs: the pair ``(2i, 2i + 1)`` of
+    ``q`` and ``k`` rotated by the angle at ``2i``)."""
+    heads = attn.heads
+    q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (heads, -1))
+    k = attn.norm_k(attn.to_k(hidden)).unflatten(2, (heads, -1))
+    v = attn.to_v(hidden).unflatten(2, (heads, -1))
+    cos, sin = rotary_emb[0][..., 0::2], rotary_emb[1][..., 1::2]
+
+    def rope(x):
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+        return out
+
+    return rope(q), rope(k), v
+
+
 class _MaskedProcessor(WanAttnProcessor):
     """diffusers' processor with a fixed self-attention mask; records keys/values if asked."""
 
@@ -37,14 +57,8 @@ class _MaskedProcessor(WanAttnProcessor):
         self, attn, hidden, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
     ):
         if self.record is not None:
-            key = attn.norm_k(attn.to_k(hidden)).unflatten(2, (attn.heads, -1))
-            x1, x2 = key.unflatten(-1, (-1, 2)).unbind(-1)
-            cos, sin = rotary_emb[0][..., 0::2], rotary_emb[1][..., 1::2]
-            rotated = torch.empty_like(key)
-            rotated[..., 0::2] = x1 * cos - x2 * sin
-            rotated[..., 1::2] = x1 * sin + x2 * cos
-            value = attn.to_v(hidden).unflatten(2, (attn.heads, -1))
-            self.record.append((rotated.detach(), value.detach()))
+            _, key, value = plain_qkv(attn, hidden, rotary_emb)
+            self.record.append((key.detach(), value.detach()))
         return super().__call__(attn, hidden, None, self.mask, rotary_emb)
 
 

@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from kvpo.models import CachePolicy, FrameCache, generate
 from kvpo.models.memory_bank import frame_saliency, refresh_layer
-from tests.kvpo.models.reference import random_model
+from tests.kvpo.models.reference import plain_qkv, random_model
 
 FPB, SINK, LOCAL, RESIDENT = 3, 3, 9, 15
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -146,26 +146,14 @@ class _ListAttention(WanAttnProcessor):
 
     def qkv(self, attn, hidden, rotary_emb):
         """RoPE'd ``q, k, v: [1, N, H, D]`` of the whole sequence (``k, v`` recorded)."""
-        heads = attn.heads
-        q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (heads, -1))
-        k = attn.norm_k(attn.to_k(hidden)).unflatten(2, (heads, -1))
-        v = attn.to_v(hidden).unflatten(2, (heads, -1))
-        cos, sin = rotary_emb[0][..., 0::2], rotary_emb[1][..., 1::2]
-
-        def rope(x):
-            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-            out = torch.empty_like(x)
-            out[..., 0::2], out[..., 1::2] = x1 * cos - x2 * sin, x1 * sin + x2 * cos
-            return out
-
-        q, k = rope(q), rope(k)
+        q, k, v = plain_qkv(attn, hidden, rotary_emb)
         self.kv = (k.detach(), v.detach())
         return q, k, v
 
-    def __call__(self, attn, hidden, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None):  # fmt: skip
+    def listed(self, q, k, v):
+        """``[1, N, H, D]``: each listed frame's queries attended (SDPA) to the tokens of its
+        ``lists`` frames; zeros for the frames not listed."""
         T = self.T
-        q, k, v = self.qkv(attn, hidden, rotary_emb)
         out = torch.zeros_like(q)
         for frame, keys in self.lists.items():
             idx = torch.cat([torch.arange(f * T, (f + 1) * T) for f in keys])
@@ -175,6 +163,11 @@ class _ListAttention(WanAttnProcessor):
                 v[:, idx].transpose(1, 2),
             )
             out[:, frame * T : (frame + 1) * T] = o.transpose(1, 2)
+        return out
+
+    def __call__(self, attn, hidden, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):  # fmt: skip
+        out = self.listed(*self.qkv(attn, hidden, rotary_emb))
         return attn.to_out[1](attn.to_out[0](out.flatten(2)))
 
 
@@ -230,13 +223,19 @@ def _their_generation(model, embeds, noise, renoise, sigmas, size, interval, pro
     return clean
 
 
+def _generation_inputs(frames, seed=5):
+    """``noise [1, 3, frames, 16, 16]``, ``renoise [3, 1, 3, frames, 16, 16]`` (one per step
+    after the first) and text embeddings ``[1, 5, 32]``, drawn in that order from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 3, frames, 16, 16, generator=g)
+    renoise = torch.randn(3, 1, 3, frames, 16, 16, generator=g)
+    return noise, renoise, torch.randn(1, 5, 32, generator=g)
+
+
 def test_bank_generation_equals_their_dense_transcription():
     model = random_model()
     frames, size, interval = 27, 2, 2
-    g = torch.Generator().manual_seed(5)
-    noise = torch.randn(1, 3, frames, 16, 16, generator=g)
-    renoise = torch.randn(3, 1, 3, frames, 16, 16, generator=g)
-    embeds = torch.randn(1, 5, 32, generator=g)
+    noise, renoise, embeds = _generation_inputs(frames)
     from kvpo.models import FewStepSampler
 
     sampler = FewStepSampler()

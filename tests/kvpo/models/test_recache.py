@@ -7,7 +7,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from kvpo.models import CachePolicy, FrameCache, generate, recache
-from tests.kvpo.models.reference import block_of, masked_forward, random_model
+from tests.kvpo.models.reference import block_of, masked_forward, plain_qkv, random_model
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 FPB = 2
@@ -198,19 +198,8 @@ class _TheirRecacheAttention(WanAttnProcessor):
 
     def __call__(self, attn, hidden, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None):  # fmt: skip
-        T, heads = self.T, attn.heads
-        q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (heads, -1))
-        k = attn.norm_k(attn.to_k(hidden)).unflatten(2, (heads, -1))
-        v = attn.to_v(hidden).unflatten(2, (heads, -1))
-        cos, sin = rotary_emb[0][..., 0::2], rotary_emb[1][..., 1::2]
-
-        def rope(x):
-            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-            out = torch.empty_like(x)
-            out[..., 0::2], out[..., 1::2] = x1 * cos - x2 * sin, x1 * sin + x2 * cos
-            return out
-
-        q, k = rope(q), rope(k)
+        T = self.T
+        q, k, v = plain_qkv(attn, hidden, rotary_emb)
         self.kv = (k.detach(), v.detach())
         idx = torch.cat([torch.arange(f * T, (f + 1) * T) for f in self.local])
         k_cat = torch.cat([self.outer[0][None], k[:, idx]], dim=1)

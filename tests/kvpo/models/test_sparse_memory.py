@@ -21,6 +21,7 @@ from tests.kvpo.models.test_memory_bank import (
     RESIDENT,
     SINK,
     TOL,
+    _generation_inputs,
     _ListAttention,
     _their_generation,
 )
@@ -77,6 +78,30 @@ def test_selection_rejects_bad_shapes():
 
 
 # --------------------------------------------------------------------------- generation
+def _tokens(frames, T):
+    """Token indices of ``frames`` (``T`` tokens a frame), frame by frame."""
+    return torch.cat([torch.arange(f * T, (f + 1) * T) for f in frames])
+
+
+def _their_sma(q, k, v, out, rows, candidates, local, T):
+    """Their routed attention of the query tokens ``rows`` (``q, k, v: [1, N, H, D]``), written
+    into ``out [1, N, H, D]`` head by head: SDPA over the top-3 (at most) of the ``candidates``
+    frames by mean query . mean key, sorted, then the ``local`` frames. Returns whether two
+    heads chose differently."""
+    phi_q = q[0, rows].mean(0)  # [H, D]
+    phi_k = torch.stack([k[0, _tokens([c], T)].mean(0) for c in candidates])  # [n, H, D]
+    picks = []
+    for h in range(q.shape[2]):
+        scores = phi_k[:, h] @ phi_q[h]
+        top = torch.topk(scores, min(3, len(candidates))).indices.sort().values
+        picks.append([candidates[i] for i in top.tolist()])
+        idx = _tokens(picks[-1] + local, T)
+        out[0, rows, h] = F.scaled_dot_product_attention(
+            q[0, rows, h][None], k[0, idx, h][None], v[0, idx, h][None]
+        )[0]
+    return any(p != picks[0] for p in picks)
+
+
 class _SmaAttention(_ListAttention):
     """Their SMA attention on the whole sequence: the queries of the block at ``f0`` attend,
     head ``h``, to the top-3 (by their block's mean query) of the sink region's frames and the
@@ -97,24 +122,9 @@ class _SmaAttention(_ListAttention):
         T = self.T
         q, k, v = self.qkv(attn, hidden, rotary_emb)
         out = torch.zeros_like(q)
-
-        def tokens(frames):
-            return torch.cat([torch.arange(f * T, (f + 1) * T) for f in frames])
-
         for f0, (candidates, local) in self.blocks.items():
-            rows = tokens(range(f0, f0 + FPB))
-            phi_q = q[0, rows].mean(0)  # [H, D]
-            phi_k = torch.stack([k[0, tokens([c])].mean(0) for c in candidates])  # [n, H, D]
-            picks = []
-            for h in range(q.shape[2]):
-                scores = phi_k[:, h] @ phi_q[h]
-                top = torch.topk(scores, min(3, len(candidates))).indices.sort().values
-                picks.append([candidates[i] for i in top.tolist()])
-                idx = tokens(picks[-1] + local)
-                out[0, rows, h] = F.scaled_dot_product_attention(
-                    q[0, rows, h][None], k[0, idx, h][None], v[0, idx, h][None]
-                )[0]
-            self.heads_differ |= any(p != picks[0] for p in picks)
+            rows = _tokens(range(f0, f0 + FPB), T)
+            self.heads_differ |= _their_sma(q, k, v, out, rows, candidates, local, T)
         return attn.to_out[1](attn.to_out[0](out.flatten(2)))
 
 
@@ -123,10 +133,7 @@ def test_sma_generation_equals_their_dense_transcription():
     their attention; it differs from the whole bank's."""
     model = random_model()
     frames, size, interval = 27, 2, 2
-    g = torch.Generator().manual_seed(5)
-    noise = torch.randn(1, 3, frames, 16, 16, generator=g)
-    renoise = torch.randn(3, 1, 3, frames, 16, 16, generator=g)
-    embeds = torch.randn(1, 5, 32, generator=g)
+    noise, renoise, embeds = _generation_inputs(frames)
     sigmas = [float(s) for s in FewStepSampler().schedule.sigmas()]
     seen = []
 
@@ -192,28 +199,9 @@ class _RecacheSma(_ListAttention):
                  rotary_emb=None):  # fmt: skip
         T = self.T
         q, k, v = self.qkv(attn, hidden, rotary_emb)
-        out = torch.zeros_like(q)
-
-        def tokens(frames):
-            return torch.cat([torch.arange(f * T, (f + 1) * T) for f in frames])
-
-        for frame, keys in self.lists.items():
-            rows, idx = tokens([frame]), tokens(keys)
-            out[0, rows] = F.scaled_dot_product_attention(
-                q[0, rows].transpose(0, 1), k[0, idx].transpose(0, 1), v[0, idx].transpose(0, 1)
-            ).transpose(0, 1)
-        rows = tokens(self.pass_frames)
-        phi_q = q[0, rows].mean(0)
-        phi_k = torch.stack([k[0, tokens([c])].mean(0) for c in self.candidates])
-        picks = []
-        for h in range(q.shape[2]):
-            top = torch.topk(phi_k[:, h] @ phi_q[h], 3).indices.sort().values
-            picks.append([self.candidates[i] for i in top.tolist()])
-            idx = tokens(picks[-1] + self.local)
-            out[0, rows, h] = F.scaled_dot_product_attention(
-                q[0, rows, h][None], k[0, idx, h][None], v[0, idx, h][None]
-            )[0]
-        self.heads_differ |= any(p != picks[0] for p in picks)
+        out = self.listed(q, k, v)
+        rows = _tokens(self.pass_frames, T)
+        self.heads_differ |= _their_sma(q, k, v, out, rows, self.candidates, self.local, T)
         return attn.to_out[1](attn.to_out[0](out.flatten(2)))
 
 
