@@ -22,7 +22,6 @@ import sys
 import torch
 
 from kvpo.models.lora import merge_lora_into_base
-from kvpo.rewards.clips import global_clips, score_clips
 from kvpo.rewards.registry import resolve_reward, reward_options, select_components
 from kvpo.streaming import stream_from_config
 from kvpo.training.config import ConfigError, TrainConfig
@@ -42,7 +41,7 @@ def model_scores(cfg: TrainConfig, model: VideoModel, info: DistInfo) -> dict[st
     reward = resolve_reward(cfg.reward_model, **reward_options(cfg))
     return evaluate(
         stream, reward, prompts, cfg.eval_seeds, base_seed=cfg.seed, info=info,
-        batch=cfg.rows_per_batch, clip_len=cfg.long_reward_normal_clip_len,
+        batch=cfg.rows_per_batch, global_reward=cfg.global_reward(),
         components=list(cfg.eval_reward_weights), videos_per_call=cfg.reward_videos_per_call,
     )  # fmt: skip
 
@@ -65,9 +64,9 @@ def world_scores(cfg: TrainConfig) -> dict[str, list[float]]:
             segments = [parse_prompt(text)[0] for text in seq]
             videos.append(generate_video(segments, lengths[: len(seq)], seed=1000 * p + s).frames)
             seqs.append(seq)
-    clips = [global_clips(layout, seq, cfg.long_reward_normal_clip_len) for seq in seqs]
     reward = resolve_reward(cfg.reward_model, **reward_options(cfg))
-    values = score_clips(reward, torch.stack(videos), clips, cfg.reward_videos_per_call)
+    videos = torch.stack(videos)
+    values = cfg.global_reward().score(reward, videos, layout, seqs, cfg.reward_videos_per_call)
     values = select_components(values, list(cfg.eval_reward_weights), "eval_reward_components")
     return {k: v.tolist() for k, v in values.items()}
 

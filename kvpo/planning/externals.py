@@ -123,7 +123,7 @@ class RewardFootprint:
 
 def clip_frames(cfg: TrainConfig, setup: Setup) -> int:
     """Most decoded frames of one scored clip: the chunk holding the routed window (local) or
-    one segment's clip (global)."""
+    one segment's clip or transition clip (global)."""
     chunks = cfg.chunks()
     starts = eligible_start_blocks(
         cfg.routing_geometry(), chunks, cfg.perturb_within_first_x_chunks
@@ -135,6 +135,8 @@ def clip_frames(cfg: TrainConfig, setup: Setup) -> int:
     segments = [frame(b) - frame(a) for a, b in zip(bounds, bounds[1:])]
     clip = cfg.long_reward_normal_clip_len
     global_ = [min(clip, s) if clip else s for s in segments] if cfg.train_global else []
+    if cfg.train_global and cfg.long_reward_enable_transition and cfg.switch_frames:
+        global_.append(min(cfg.long_reward_transition_clip_len, frame(cfg.streaming_max_length)))
     return max(local + global_ + [1])
 
 

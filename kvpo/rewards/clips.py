@@ -9,6 +9,12 @@ in its segment, ``clip_len`` frames, or the whole segment when ``clip_len`` is 0
 the clips. A clip that spans prompt switches (possible for the local chunk) is scored with its
 segments' prompts joined by ``", then "`` and ``metadata["segment_starts"]`` (clip-relative).
 
+With transition clips on (:class:`GlobalReward`, ``long_reward_enable_transition``; the KVPO
+authors' MemFlow ``_build_postfork_clip_specs``) the global reward also scores one clip of
+``transition_clip_len`` frames centred at each prompt switch, with :data:`TRANSITION_PROMPT`, and
+a video's global reward per component is ``(w_n mean(normal) + w_t mean(transition)) /
+(w_n + w_t)`` (``w_t = 0`` when the video has no transition clip).
+
 Reward models follow :mod:`kvpo.rewards.registry`: ``(videos [B, T, 3, H, W] in [0, 1], prompts,
 metadata) -> {name: [B] fp32}``.
 """
@@ -99,16 +105,95 @@ def local_reward_input(
     return chunk, [Clip(0, chunk.shape[1], clip.prompt, starts)]
 
 
+def clip_window(centre: int, num_frames: int, clip_len: int) -> tuple[int, int]:
+    """Frames ``[lo, hi)``: ``clip_len`` frames from ``centre - clip_len // 2``, shifted back
+    inside ``[0, num_frames)`` (the whole video when it is shorter than ``clip_len``)."""
+    lo = max(0, min(centre - clip_len // 2, num_frames - clip_len))
+    return lo, min(num_frames, lo + clip_len)
+
+
 def global_clips(layout: VideoLayout, prompts: Sequence[str], clip_len: int = 0) -> list[Clip]:
     """One clip per prompt segment, centred in it (the whole segment when ``clip_len`` is 0)."""
     clips = []
     for k, (lo, hi) in enumerate(layout.segments(len(prompts))):
         if clip_len > 0:
-            centre = (lo + hi) // 2
-            lo = max(0, min(centre - clip_len // 2, layout.num_frames - clip_len))
-            hi = min(layout.num_frames, lo + clip_len)
+            lo, hi = clip_window((lo + hi) // 2, layout.num_frames, clip_len)
         clips.append(Clip(lo, hi, prompts[k]))
     return clips
+
+
+TRANSITION_PROMPT = (
+    "Transition between two consecutive scenes. First part: {before} Second part: {after} "
+    "Judge whether the transition is visually stable and motion is natural across the boundary."
+)
+
+
+def transition_clips(layout: VideoLayout, prompts: Sequence[str], clip_len: int) -> list[Clip]:
+    """One clip of ``clip_len`` frames centred at each of the first ``len(prompts) - 1`` prompt
+    switches inside the video, scored with :data:`TRANSITION_PROMPT` of the prompts before and
+    after it; ``starts``: ``(0, switch - lo)`` (the second part's first frame in the clip)."""
+    if clip_len < 1:
+        raise ValueError(f"a transition clip needs clip_len >= 1 frames, got {clip_len}")
+    clips = []
+    for k, switch in enumerate(layout.switches[: len(prompts) - 1]):
+        if not 0 < switch < layout.num_frames:
+            continue
+        lo, hi = clip_window(switch, layout.num_frames, clip_len)
+        text = TRANSITION_PROMPT.format(before=prompts[k], after=prompts[k + 1])
+        clips.append(Clip(lo, hi, text, (0, switch - lo) if switch > lo else (0,)))
+    return clips
+
+
+@dataclass(frozen=True)
+class GlobalReward:
+    """What the global reward scores and how its clips are weighted.
+
+    ``clip_len``: frames of each segment's clip (0: the whole segment); ``transition``: also one
+    clip of ``transition_clip_len`` frames at each prompt switch; ``normal_weight`` and
+    ``transition_weight``: ``w_n`` and ``w_t`` of the weighted mean of the two kinds.
+    """
+
+    clip_len: int = 0
+    transition: bool = False
+    transition_clip_len: int = 48
+    normal_weight: float = 1.0
+    transition_weight: float = 0.5
+
+    def clips(self, layout: VideoLayout, prompts: Sequence[str]) -> tuple[list[Clip], list[Clip]]:
+        """``(segment clips, transition clips)`` of a video with ``prompts``."""
+        normal = global_clips(layout, prompts, self.clip_len)
+        if not self.transition:
+            return normal, []
+        return normal, transition_clips(layout, prompts, self.transition_clip_len)
+
+    def score(
+        self,
+        reward: RewardFn,
+        videos: torch.Tensor,
+        layout: VideoLayout,
+        prompts: Sequence[Sequence[str]],
+        batch_size: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """``{name: [B] fp32}`` of ``videos [B, T, 3, H, W]`` (``prompts[b]``: video ``b``'s
+        segment prompts; the same number for every video): the mean over the segment clips,
+        or with transition clips ``(w_n mean(segment) + w_t mean(transition)) / (w_n + w_t)``."""
+        normal, transition = zip(*(self.clips(layout, seq) for seq in prompts))
+        scores = score_clips(reward, videos, normal, batch_size)
+        if not transition[0]:  # w_t = 0: the normal weight divides out
+            if self.normal_weight <= 0:
+                raise ValueError(
+                    "the global reward's weights sum to 0: long_reward_normal_weight must be > 0 "
+                    f"when a video has no transition clip, got {self.normal_weight}"
+                )
+            return scores
+        w_n, w_t = self.normal_weight, self.transition_weight
+        if w_n + w_t <= 0:
+            raise ValueError(
+                f"the global reward's weights must sum to > 0, got long_reward_normal_weight "
+                f"{w_n} + long_reward_transition_weight {w_t}"
+            )
+        extra = score_clips(reward, videos, transition, batch_size)
+        return {k: (w_n * v + w_t * extra[k]) / (w_n + w_t) for k, v in scores.items()}
 
 
 def score_clips(
@@ -145,3 +230,9 @@ def score_clips(
             value = torch.cat([p[name].float().reshape(-1) for p in pieces])
             total[name] = total.get(name, 0) + value / len(clips[0])
     return total
+
+
+def split_anchor(scores: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``({name: [G]}, {name: scalar})``: the branches' and the anchor's scores of a group's
+    ``{name: [G + 1]}`` (the anchor last)."""
+    return {k: v[:-1] for k, v in scores.items()}, {k: v[-1] for k, v in scores.items()}

@@ -204,6 +204,21 @@ class TrainConfig(TypedViews):
     long_reward_normal_clip_len: int = _f(
         0, "frames of each global per-segment clip, centred in the segment; 0 = whole segment"
     )
+    long_reward_enable_transition: bool = _f(
+        False,
+        "the global reward also scores one clip centred at each prompt switch, with the KVPO "
+        "authors' transition prompt (MemFlow's _build_postfork_clip_specs; their trainers build "
+        "none)",
+    )
+    long_reward_transition_clip_len: int = _f(
+        48, "decoded frames of each transition clip, centred at the switch (>= 1)"
+    )
+    long_reward_normal_weight: float = _f(
+        1.0,
+        "w_n: global = (w_n mean(segment clips) + w_t mean(transition clips)) / (w_n + w_t), "
+        "w_t = 0 without transition clips (then w_n divides out; it must be > 0)",
+    )
+    long_reward_transition_weight: float = _f(0.5, "w_t: the transition clips' weight")
     advantage_mode: str = _f(
         "anchor", "'anchor' (KVPO) or 'grpo' (group mean)", choices=("anchor", "grpo")
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 class TypedViews:
     """``cache_policy()``, ``schedule()``, ``step_weights()``, ``routing_geometry()``,
     ``policy_frames()``, ``chunks()``, ``policy_config()``, ``advantage_config()``,
-    ``exploration_config()``, ``latent_layout()``."""
+    ``exploration_config()``, ``latent_layout()``, ``global_reward()``."""
 
     def cache_policy(self):
         """:class:`~kvpo.models.CachePolicy`: sink + window view over the resident frames."""
@@ -128,3 +128,15 @@ class TypedViews:
         from kvpo.rewards.clips import VideoLayout
 
         return VideoLayout(self.streaming_max_length, tuple(self.switch_frames))
+
+    def global_reward(self):
+        """:class:`~kvpo.rewards.clips.GlobalReward`: the global reward's clips and weights."""
+        from kvpo.rewards.clips import GlobalReward
+
+        return GlobalReward(
+            clip_len=self.long_reward_normal_clip_len,
+            transition=self.long_reward_enable_transition,
+            transition_clip_len=self.long_reward_transition_clip_len,
+            normal_weight=self.long_reward_normal_weight,
+            transition_weight=self.long_reward_transition_weight,
+        )

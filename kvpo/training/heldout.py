@@ -5,7 +5,8 @@ deployment setting: sink + window cache, prompt switches with recache) by
 :meth:`kvpo.streaming.StreamingGenerator.videos` with noise from
 :func:`kvpo.streaming.heldout_seed` ``(base seed, prompt index, seed index)`` only, so a video
 before and after training differs only by the weights. It is scored with the global reward (one
-clip per segment, its own prompt; :mod:`kvpo.rewards.clips`). Pairs are split over ranks
+clip per segment, its own prompt, and with transition clips one per prompt switch;
+:class:`kvpo.rewards.clips.GlobalReward`). Pairs are split over ranks
 (:func:`rank_pairs`) and gathered. ``kvpo evaluate`` and the trainer both call :func:`evaluate`.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvpo.rewards.clips import global_clips, score_clips
+from kvpo.rewards.clips import GlobalReward
 from kvpo.rewards.registry import select_components
 from kvpo.streaming import StreamingGenerator, heldout_seed
 from kvpo.training.distributed import DistInfo, gather_objects
@@ -39,7 +40,7 @@ def evaluate(
     base_seed: int,
     info: DistInfo,
     batch: int = 16,
-    clip_len: int = 0,
+    global_reward: GlobalReward | None = None,
     components: Sequence[str] | None = None,
     videos_per_call: int = 0,
 ) -> dict[str, list[float]]:
@@ -47,8 +48,10 @@ def evaluate(
 
     ``batch``: videos generated at once (rows of ``stream``'s cache); ``videos_per_call``: videos
     per reward call (0: the ``batch``); ``components``: the components reported (the run's
-    ``eval_reward_components``; None: every one the reward returns).
+    ``eval_reward_components``; None: every one the reward returns); ``global_reward``: the
+    clips and weights (the run's ``cfg.global_reward()``; None: whole segments, no transitions).
     """
+    global_reward = global_reward or GlobalReward()
     pairs = eval_pairs(len(prompts), num_seeds)
     mine = rank_pairs(pairs, info.rank, info.world_size)
     layout = stream.layout.mapped(stream.model.video_frame)
@@ -58,8 +61,7 @@ def evaluate(
         seqs = [prompts[p] for p, _ in chunk]
         seeds = [heldout_seed(base_seed, p, s) for p, s in chunk]
         videos = stream.videos(seqs, seeds)
-        clips = [global_clips(layout, seq, clip_len) for seq in seqs]
-        values = score_clips(reward, videos, clips, videos_per_call)
+        values = global_reward.score(reward, videos, layout, seqs, videos_per_call)
         if components is not None:
             values = select_components(values, components, "eval_reward_components")
         for i, pair in enumerate(chunk):

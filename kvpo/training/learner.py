@@ -7,7 +7,7 @@ Per step (one prompt group per rank):
 2. **rollout** with the old policy (adapter ``"old"``): shared prefix, fork, G routed branches
    and the anchor (:mod:`kvpo.method.rollout`; ``exploration``: routed and/or noise-perturbed
    branches, :mod:`kvpo.method.exploration`);
-3. **rewards**: local (the forked chunk) and global (one clip per segment) for every row;
+3. **rewards**: local (the forked chunk) and global (kvpo.rewards.clips.GlobalReward) per row;
    **advantages** anchor-relative per component, fused and clipped
    (:mod:`kvpo.method.advantages`);
 4. **replay** of the branches under the unrouted context with the old and the reference policy
@@ -44,7 +44,7 @@ from kvpo.method.rollout import GroupRollout, rollout_group
 from kvpo.method.routing import RoutingPlan
 from kvpo.method.routing_memflow import plan_for_rule
 from kvpo.models.lora import active_adapter, adapter_scope, freeze_copy
-from kvpo.rewards.clips import global_clips, local_reward_input, score_clips
+from kvpo.rewards.clips import local_reward_input, score_clips, split_anchor
 from kvpo.streaming import branch_seed, group_seed, stream_from_config
 from kvpo.training.adapters import setup_adapters
 from kvpo.training.config import TrainConfig
@@ -184,26 +184,22 @@ class Learner:
     def rewards(self, ro: GroupRollout, prompts: list[str]):
         """``(local, global, videos)``: each signal ``(branch rewards {name: [G]}, anchor
         {name: scalar})`` or None when not trained on."""
-        cfg, G = self.cfg, self.cfg.K
+        cfg, G, per_call = self.cfg, self.cfg.K, self.cfg.reward_videos_per_call
         videos, chunk = self.video_model.decode(ro.latents), self.chunks[ro.plan.chunk_index]
         span = (self.stream.layout, prompts, chunk.start_frame, chunk.end_frame)
-        segment_clips = global_clips(self.video_layout, prompts, cfg.long_reward_normal_clip_len)
-        out = []
-        for use, inputs in (  # (videos, clips) of each signal, built only when it is used
-            (cfg.train_local, lambda: local_reward_input(
-                cfg.local_reward_decode, self.video_model, ro.latents, videos, *span)),
-            (cfg.train_global, lambda: (videos, segment_clips)),
-        ):  # fmt: skip
-            if not use:
-                out.append(None)
-                continue
-            clip_videos, clips = inputs()
-            per_call = cfg.reward_videos_per_call
-            scores = score_clips(self.reward, clip_videos, [clips] * (G + 1), per_call)
-            out.append(
-                ({k: v[:G] for k, v in scores.items()}, {k: v[G] for k, v in scores.items()})
-            )
-        return out[0], out[1], videos
+
+        def local():
+            clip_videos, clips = local_reward_input(
+                cfg.local_reward_decode, self.video_model, ro.latents, videos, *span)  # fmt: skip
+            return score_clips(self.reward, clip_videos, [clips] * (G + 1), per_call)
+
+        def global_():  # segment (and transition) clips of all G + 1 videos
+            layout, rows = self.video_layout, [prompts] * (G + 1)
+            return cfg.global_reward().score(self.reward, videos, layout, rows, per_call)
+
+        local_signal = split_anchor(local()) if cfg.train_local else None
+        global_signal = split_anchor(global_()) if cfg.train_global else None
+        return local_signal, global_signal, videos
 
     def energies(self, ro, prompts, branches, adapter: str | None) -> torch.Tensor:
         """Replay energies ``[len(branches)]`` under ``adapter`` (None: adapters disabled), in

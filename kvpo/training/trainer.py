@@ -163,7 +163,7 @@ class KVPOTrainer:
             scores = evaluate(
                 learner.stream, learner.reward, prompts, cfg.eval_seeds, base_seed=cfg.seed,
                 info=self.info, batch=learner.rows_per_batch,
-                clip_len=cfg.long_reward_normal_clip_len, components=list(cfg.eval_reward_weights),
+                global_reward=cfg.global_reward(), components=list(cfg.eval_reward_weights),
                 videos_per_call=cfg.reward_videos_per_call,
             )  # fmt: skip
         if self.main:

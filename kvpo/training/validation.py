@@ -103,10 +103,43 @@ def _ranges(cfg: TrainConfig) -> list[str]:
         f"reward_videos_per_call must be >= 0 (0: all videos in one call), got "
         f"{cfg.reward_videos_per_call}",
     )
+    problems += _global_reward(cfg)
     try:
         cfg.exploration_config()
     except ConfigError as err:
         problems.append(str(err))
+    return problems
+
+
+def _global_reward(cfg: TrainConfig) -> list[str]:
+    """The global reward's clip lengths and weights (kvpo.rewards.clips.GlobalReward)."""
+    problems = []
+    w_n, w_t = cfg.long_reward_normal_weight, cfg.long_reward_transition_weight
+    for key, value in (("long_reward_normal_weight", w_n), ("long_reward_transition_weight", w_t)):
+        if value < 0:
+            problems.append(f"{key} must be >= 0, got {value}")
+    if not cfg.long_reward_enable_transition:
+        if w_n <= 0:
+            problems.append(
+                f"long_reward_normal_weight must be > 0 without transition clips (their weight "
+                f"divides out; 0 would make the global reward 0 for every video), got {w_n}"
+            )
+        return problems
+    if w_n + w_t <= 0:
+        problems.append(
+            f"long_reward_normal_weight + long_reward_transition_weight must be > 0, got "
+            f"{w_n} + {w_t}"
+        )
+    if cfg.long_reward_transition_clip_len < 1:
+        problems.append(
+            "long_reward_transition_clip_len must be >= 1 frame, got "
+            f"{cfg.long_reward_transition_clip_len}"
+        )
+    if cfg.reward_model == "toy":
+        problems.append(
+            "long_reward_enable_transition scores clips with the authors' transition prompt, "
+            "which the toy reward's text alignment cannot parse: use another reward_model"
+        )
     return problems
 
 

@@ -87,7 +87,7 @@ def test_check_prints_the_table_and_fails_on_the_missing_paths(capsys):
         "2 rollouts: 3000 rollouts, 3000 AdamW steps in both)",
         "adapter.verbose ", "no effect here", "prompt_min_segments = 4", "prompt_max_segments = 4",
         "wan_model_path = 'wan_models/Wan2.1-T2V-1.3B'",
-        "100 keys in the file: 77 mapped, 23 no effect here, 0 not implemented here",
+        "100 keys in the file: 78 mapped, 22 no effect here, 0 not implemented here",
     ):  # fmt: skip
         assert text in head, text
     assert json.loads("{" + resolved)["sync_every"] == 2
@@ -106,7 +106,7 @@ def test_check_passes_when_the_config_would_run(capsys):
     args = ["--config", str(LONGLIVE), "--check", "generator_ckpt=", "lora_ckpt=", "data_path="]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "100 keys in the file: 77 mapped, 23 no effect here" in captured.out
+    assert "100 keys in the file: 78 mapped, 22 no effect here" in captured.out
     assert "error:" not in captured.err and "invalid configuration" not in captured.err
 
 
@@ -129,7 +129,7 @@ def test_subprocess_check_runs(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr  # their paths are not on this machine
-    assert "105 keys in the file: 80 mapped, 25 no effect here, 0 not implemented here" in (
+    assert "105 keys in the file: 81 mapped, 24 no effect here, 0 not implemented here" in (
         run.stdout
     )
     assert "model_kwargs.sma = False" in run.stdout

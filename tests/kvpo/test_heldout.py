@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kvpo.rewards.clips import VideoLayout
+from kvpo.rewards.clips import GlobalReward, VideoLayout
 from kvpo.streaming import heldout_seed
 from kvpo.training import heldout
 from kvpo.training.distributed import DistInfo
@@ -117,7 +117,8 @@ def test_evaluate_merged_over_ranks(monkeypatch, world, clip_len):
         streams[rank] = _Stream()
         return evaluate(
             streams[rank], _reward, PROMPTS, 2, base_seed=BASE_SEED,
-            info=DistInfo(rank=rank, world_size=world), batch=2, clip_len=clip_len,
+            info=DistInfo(rank=rank, world_size=world), batch=2,
+            global_reward=GlobalReward(clip_len=clip_len),
         )  # fmt: skip
 
     monkeypatch.setattr(heldout, "gather_objects", capture)

@@ -296,19 +296,28 @@ RULES: tuple[Rule, ...] = (
     Rule("long_reward_enable_normal", MAPPED, "global reward from one clip per prompt segment",
          "the global reward here; false (a global reward of 0) is not implemented (printed)",
          True, parse=values.boolean),
-    Rule("long_reward_enable_transition", NO_EFFECT,
-         "read, but the clip builder their trainers call adds no transition clips (MemFlow's "
-         "post-fork builder that would is never called)",
-         "no effect here, as in the authors' trainers"),
+    Rule("long_reward_enable_transition", MAPPED,
+         "read (their getattr default true), but the clip builder their trainers call "
+         "(_build_global_segment_clip_specs) adds no transition clips; MemFlow's "
+         "_build_postfork_clip_specs, which would, is never called",
+         "long_reward_enable_transition = false whatever the file says (their runs score no "
+         "transition clips); true is printed. This project's key of the same name turns them "
+         "on in this project's own config format", True, parse=values.boolean),
     Rule("long_reward_normal_weight", NO_EFFECT,
-         "global = (w_n normal + w_t transition) / (w_n + w_t); with no transition clips it "
-         "divides out (<= 0 makes the global reward 0)",
-         "no effect here, as in the authors' trainers (a value <= 0 is printed as not "
+         "global = (w_n normal + w_t transition) / (w_n + w_t), w_t = 0 with no transition "
+         "clips: it divides out (<= 0 makes the global reward 0)",
+         "no effect here, as in the authors' trainers: the translation builds no transition "
+         "clips (long_reward_enable_transition = false), so this project's "
+         "long_reward_normal_weight keeps its default (a value <= 0 is printed as not "
          "implemented)", parse=values.number),
-    Rule("long_reward_transition_weight", NO_EFFECT, "weight of the transition clips (none are "
-         "built)", "no effect here, as in the authors' trainers"),
-    Rule("long_reward_transition_clip_len", NO_EFFECT, "pixel frames of a transition clip (none "
-         "are built)", "no effect here, as in the authors' trainers"),
+    Rule("long_reward_transition_weight", NO_EFFECT, "w_t of the transition clips (none are "
+         "built)", "no effect here, as in the authors' trainers: no transition clips "
+         "(long_reward_enable_transition = false); this project's key of the same name weights "
+         "them when they are on"),
+    Rule("long_reward_transition_clip_len", NO_EFFECT, "pixel frames of a transition clip "
+         "centred at a switch (none are built)", "no effect here, as in the authors' trainers: "
+         "no transition clips (long_reward_enable_transition = false); this project's key of "
+         "the same name sets their length when they are on"),
     Rule("long_reward_normal_clip_len", MAPPED,
          "pixel frames of each segment's clip, centred in the segment",
          "long_reward_normal_clip_len (a value <= 0 is 1 frame in their code); default: "

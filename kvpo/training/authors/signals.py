@@ -174,6 +174,17 @@ def translate_rewards(t: Translator) -> None:
         "with no segment clips their global reward is 0 for every video; here the global reward "
         "is scored (train_global=false drops it); the run proceeds",
     )
+    key = "long_reward_enable_transition"
+    t.set(key, False, key)
+    t.row(key, f"{key} = False")
+    if t.has(key) and t.value(key):
+        t.inexact(
+            key,
+            f"{key}=False",
+            "their trainers' clip builder (_build_global_segment_clip_specs) adds no transition "
+            "clips whatever this says, so their global reward scores the segment clips only; "
+            "so does this run",
+        )
     memflow = any(t.has(k) for k in MEMFLOW_MODEL)
     default_clip = 48 if memflow else 21 * stride - (stride - 1)  # LongLive: 21 latent frames
     clip = integer(
