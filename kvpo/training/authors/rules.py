@@ -344,9 +344,10 @@ RULES: tuple[Rule, ...] = (
          "gradient_checkpointing", False, parse=values.boolean),
     Rule("offload_models", NO_EFFECT,
          "move the old and initial generator copies and the VAE to the CPU when idle",
-         "no effect here: the old policy and the KL reference are adapters of the one "
-         "generator (a second LoRA adapter, LoRA disabled), so there are no copies to move; "
-         "reward_offload moves the reward model"),
+         "no effect here: the old policy and the KL reference are LoRA adapters of the one "
+         "generator (the frozen initial copy ref of a continued lora_ckpt, else LoRA "
+         "disabled), so there are no generator copies to move; reward_offload moves the "
+         "reward model"),
     # ---- output
     Rule("output_dir", MAPPED, "parent directory of run directories (from the repository root)",
          "output_dir (from the working directory)", REQUIRED),
