@@ -33,7 +33,7 @@ from kvpo.method.policy import reward_scale
 from kvpo.method.rollout import GroupRollout
 from kvpo.models import TextContext
 from kvpo.models.lora import adapter_scope
-from kvpo.models.sampler import context_input
+from kvpo.models.sampler import write_context_pass
 from kvpo.streaming import StreamingGenerator, VideoNoise, group_seed
 
 
@@ -94,8 +94,8 @@ def anchor_predictions(
             v = model(x, sigmas[s] * scale, text, starts[b], view)
             preds[b, s] = x0 = x - sigmas[s] * v
             if s + 1 < S:
-                x = _next_input(sampler.rule, x, x0, v, sigmas[s], sigmas[s + 1],
-                                noise.renoise[s, :, :, b * F : (b + 1) * F])  # fmt: skip
+                xi = noise.renoise[s, :, :, b * F : (b + 1) * F]
+                x = sampler.next_input(x, x0, v, sigmas[s], sigmas[s + 1], xi)
 
     ctx_noise = rollout.context_noise  # the group's context-pass noise, as in the replays
     try:
@@ -111,10 +111,10 @@ def anchor_predictions(
                 if b + 1 < blocks:
                     x0 = preds[b, S - 1]
                     eps = ctx_noise if ctx_noise is None else ctx_noise[:, :, start : start + F]
-                    write = cache.view([row], start, F, write=True)
-                    x_ctx = context_input(x0, eps, stream.context_sigma)
-                    model.write_context(x_ctx, text, start, write, timestep=stream.context_timestep)
-                    cache.bank_record([row], start)
+                    write_context_pass(
+                        model, cache, [row], x0, text, start, noise=eps,
+                        sigma=stream.context_sigma, timestep=stream.context_timestep,
+                    )  # fmt: skip
                     replayed.append(x0)
         for b, pinned in enumerate(pins):
             denoise(b, cache.view([pinned], starts[b], F), grad_steps)
@@ -129,13 +129,6 @@ def anchor_mse(current: Sequence[torch.Tensor], reference: Sequence[torch.Tensor
         raise ValueError(f"need equally many terms, got {len(current)} and {len(reference)}")
     terms = [(c.float() - r.float()).pow(2).mean() for c, r in zip(current, reference)]
     return torch.stack(terms).mean()
-
-
-def _next_input(rule, x, x0, v, sigma, nxt, xi):
-    """The next step's input (:class:`kvpo.models.sampler.FewStepSampler`'s update rules)."""
-    if rule == "x0":
-        return (1 - nxt) * x0 + nxt * xi.to(x0.dtype)
-    return x + (nxt - sigma) * v
 
 
 class AnchorKL:

@@ -22,7 +22,7 @@ import torch
 
 from kvpo.method.rollout import GroupRollout
 from kvpo.models import FlowSchedule, TextContext
-from kvpo.models.sampler import context_input
+from kvpo.models.sampler import write_context_pass
 from kvpo.streaming import StreamingGenerator
 from kvpo_kernels import tve_energy
 
@@ -96,11 +96,10 @@ def replay_energies(
             if b + 1 < len(starts):
                 x0 = z_all[:, b * S + S - 1] - sigmas[S - 1] * last
                 eps = ctx_noise if ctx_noise is None else ctx_noise[:, :, start : start + F]
-                with torch.no_grad():
-                    write = cache.view(rows, start, F, write=True)
-                    x_ctx = context_input(x0, eps, stream.context_sigma)
-                    model.write_context(x_ctx, text, start, write, timestep=stream.context_timestep)
-                cache.bank_record(rows, start)
+                write_context_pass(
+                    model, cache, rows, x0, text, start, noise=eps, sigma=stream.context_sigma,
+                    timestep=stream.context_timestep,
+                )  # fmt: skip
                 replayed.append(x0)
         for b, pinned in enumerate(pins):
             view = cache.view(pinned, starts[b], F)

@@ -172,15 +172,20 @@ class FewStepSampler:
                 vs.append(v)
             x0 = x - sigma * v
             if s + 1 < steps:
-                nxt = float(sigmas[s + 1])
-                if self.rule == "x0":
-                    x = (1 - nxt) * x0 + nxt * renoise[s].to(x0.dtype)
-                else:
-                    x = x + (nxt - sigma) * v
+                xi = renoise[s] if self.rule == "x0" else None
+                x = self.next_input(x, x0, v, sigma, float(sigmas[s + 1]), xi)
         trajectory = None
         if record:
             trajectory = Trajectory(torch.stack(zs), torch.stack(vs), sigmas.to(noise.dtype))
         return x0, trajectory
+
+    def next_input(self, x, x0, v, sigma: float, nxt: float, xi) -> torch.Tensor:
+        """The input of the step at ``nxt`` after the step at ``sigma`` gave velocity ``v``
+        (``x0 = x - sigma v``): rule ``"x0"`` re-noises ``x0`` with ``xi``, ``"euler"`` steps
+        the ODE (``xi`` unused). All ``[B, C, F, H, W]`` (``xi`` may broadcast)."""
+        if self.rule == "x0":
+            return (1 - nxt) * x0 + nxt * xi.to(x0.dtype)
+        return x + (nxt - sigma) * v
 
 
 def context_input(x0: torch.Tensor, noise: torch.Tensor | None, sigma: float) -> torch.Tensor:
@@ -192,6 +197,31 @@ def context_input(x0: torch.Tensor, noise: torch.Tensor | None, sigma: float) ->
     if noise is None:
         return x0
     return (1 - sigma) * x0 + sigma * noise.to(x0.dtype)
+
+
+@torch.no_grad()
+def write_context_pass(
+    model: CausalWan,
+    cache: FrameCache,
+    rows: Sequence[int],
+    x0: torch.Tensor,
+    text: TextContext,
+    start_frame: int,
+    *,
+    noise: torch.Tensor | None,
+    sigma: float,
+    timestep: float,
+    plans=None,
+) -> None:
+    """The context pass of the finished block ``x0: [B, C, F, H, W]`` at ``start_frame``: its
+    K/V written into ``rows`` from :func:`context_input` (``noise`` ``[B | 1, C, F, H, W]`` or
+    None) at ``timestep``, attending through ``plans`` (None: the default view), then MemFlow's
+    bank record of the block (:meth:`FrameCache.bank_record`)."""
+    rows = list(rows)
+    write = cache.view(rows, start_frame, x0.shape[2], plans=plans, write=True)
+    x_ctx = context_input(x0, noise, sigma)
+    model.write_context(x_ctx, text, start_frame, write, timestep=timestep)
+    cache.bank_record(rows, start_frame)
 
 
 @dataclass
@@ -323,13 +353,13 @@ def generate(
             x0, traj = sampler.denoise_block(
                 model, x_noise, sub_text, f0, view, xi, record, inject=add
             )
-            write = cache.view(sub_rows, f0, block, plans=sub_plan, write=True)
             eps = None
             if context_noise is not None:
                 eps = _rows(context_noise, sub, batch)[:, :, lo : lo + block]
-            x_ctx = context_input(x0, eps, context_sigma)
-            model.write_context(x_ctx, sub_text, f0, write, timestep=context_timestep)
-            cache.bank_record(sub_rows, f0)
+            write_context_pass(
+                model, cache, sub_rows, x0, sub_text, f0, noise=eps, sigma=context_sigma,
+                timestep=context_timestep, plans=sub_plan,
+            )  # fmt: skip
             pieces.append(x0)
             trajs.append(traj)
         out[:, :, lo : lo + block] = torch.cat(pieces)
