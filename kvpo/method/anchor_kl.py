@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from kvpo.method.policy import reward_scale
+from kvpo.method.replay import replay_blocks
 from kvpo.method.rollout import GroupRollout
 from kvpo.models import TextContext
 from kvpo.models.lora import adapter_scope
-from kvpo.models.sampler import write_context_pass
 from kvpo.streaming import StreamingGenerator, VideoNoise, group_seed
 
 
@@ -71,9 +71,9 @@ def anchor_predictions(
     ``noise`` covers.
 
     With grad enabled the first ``grad_steps`` steps of each block carry the autograd graph. Two
-    passes, as :func:`kvpo.method.replay.replay_energies`: every step and context pass without
-    grad, pinning each block's cache view; then the grad-carrying steps again on the pinned views
-    (same values). Call ``backward`` before the cache is written again.
+    passes (:func:`kvpo.method.replay.replay_blocks`, as the energy replays): every step and
+    context pass without grad, pinning each block's cache view; then the grad-carrying steps again
+    on the pinned views (same values). Call ``backward`` before the cache is written again.
     """
     model, cache, sampler = stream.wan, stream.cache, stream.sampler
     F, S = stream.frames_per_block, sampler.schedule.num_steps
@@ -82,12 +82,10 @@ def anchor_predictions(
     blocks = noise.noise.shape[2] // F
     starts = [rollout.fork + b * F for b in range(blocks)]
     grad = torch.is_grad_enabled() and grad_steps > 0
-    (row,) = cache.fork(rollout.snapshot, 1, lean=True)
+    rows = cache.fork(rollout.snapshot, 1, lean=True)
     preds: dict[tuple[int, int], torch.Tensor] = {}
-    pins: list[int] = []
-    replayed: list[torch.Tensor] = []
 
-    def denoise(b: int, view, steps: int) -> None:
+    def denoise(b: int, view, steps: int) -> torch.Tensor:
         text = stream.text_at(texts, starts[b])
         x = noise.noise[:, :, b * F : (b + 1) * F]
         for s in range(steps):
@@ -96,30 +94,13 @@ def anchor_predictions(
             if s + 1 < S:
                 xi = noise.renoise[s, :, :, b * F : (b + 1) * F]
                 x = sampler.next_input(x, x0, v, sigmas[s], sigmas[s + 1], xi)
+        return x0
 
-    ctx_noise = rollout.context_noise  # the group's context-pass noise, as in the replays
-    try:
-        for b, start in enumerate(starts):
-            text = stream.text_at(texts, start)
-            if b > 0 and start in stream.layout.switches:
-                stream.recache([row], torch.cat([rollout.prefix, *replayed], dim=2), text, start)
-            cache.bank_refresh([row], text)  # MemFlow's bank (pinned with the view)
-            if grad:
-                pins.append(cache.snapshot(row))
-            with torch.no_grad():
-                denoise(b, cache.view([row], start, F), S)
-                if b + 1 < blocks:
-                    x0 = preds[b, S - 1]
-                    eps = ctx_noise if ctx_noise is None else ctx_noise[:, :, start : start + F]
-                    write_context_pass(
-                        model, cache, [row], x0, text, start, noise=eps,
-                        sigma=stream.context_sigma, timestep=stream.context_timestep,
-                    )  # fmt: skip
-                    replayed.append(x0)
-        for b, pinned in enumerate(pins):
-            denoise(b, cache.view([pinned], starts[b], F), grad_steps)
-    finally:
-        cache.free([row, *pins])
+    replay_blocks(
+        stream, rollout, rows, texts, starts, grad=grad,
+        first=lambda b, view: denoise(b, view, S),
+        second=lambda b, view: denoise(b, view, grad_steps),
+    )  # fmt: skip
     return [preds[b, s] for b in range(blocks) for s in range(S)]
 
 

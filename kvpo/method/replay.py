@@ -16,7 +16,7 @@ as one batch of forked rows (no K/V copied).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,6 +43,55 @@ def step_weights(schedule: FlowSchedule, kind: str, floor: float = 0.0) -> torch
     raise ValueError(f"tve_step_weight must be 'sigma2', 'uniform' or 'floored', got {kind!r}")
 
 
+def replay_blocks(
+    stream: StreamingGenerator,
+    rollout: GroupRollout,
+    rows: Sequence[int],
+    texts: Sequence[TextContext],
+    starts: Sequence[int],
+    *,
+    grad: bool,
+    first: Callable[[int, object], torch.Tensor],
+    second: Callable[[int, object], None],
+) -> None:
+    """Replay blocks ``starts`` in ``rows`` (forks of ``rollout``'s snapshot; freed here) in two
+    passes. First, without grad, block by block: the prompt switch's recache, MemFlow's bank
+    refresh, a pinned fork of each row's cache when ``grad`` (no copy), ``first(b, view)`` -> the
+    block's ``x0 [B, C, F, H, W]``, and its context pass with the group's context noise. Then
+    ``second(b, view)`` on each block's pinned view, so no cache write happens between a grad
+    forward and its backward (the attention saves the page pool): call ``backward`` before the
+    cache is written again."""
+    cache, F = stream.cache, stream.frames_per_block
+    rows = list(rows)
+    prefix = rollout.prefix.expand(len(rows), *rollout.prefix.shape[1:])
+    ctx_noise = rollout.context_noise  # the group's context-pass noise, as in the rollout
+    replayed: list[torch.Tensor] = []
+    pins: list[list[int]] = []
+    try:
+        for b, start in enumerate(starts):
+            text = stream.text_at(texts, start)
+            if b > 0 and start in stream.layout.switches:
+                stream.recache(rows, torch.cat([prefix, *replayed], dim=2), text, start)
+            cache.bank_refresh(rows, text)  # MemFlow's bank (pinned with the view)
+            if grad:
+                pins.append([cache.snapshot(r) for r in rows])
+            with torch.no_grad():
+                x0 = first(b, cache.view(rows, start, F))
+            if b + 1 < len(starts):
+                eps = ctx_noise if ctx_noise is None else ctx_noise[:, :, start : start + F]
+                write_context_pass(
+                    stream.wan, cache, rows, x0, text, start, noise=eps,
+                    sigma=stream.context_sigma, timestep=stream.context_timestep,
+                )  # fmt: skip
+                replayed.append(x0)
+        for b, pinned in enumerate(pins):
+            second(b, cache.view(pinned, starts[b], F))
+    finally:
+        cache.free(rows)
+        for pinned in pins:
+            cache.free(pinned)
+
+
 def replay_energies(
     stream: StreamingGenerator,
     rollout: GroupRollout,
@@ -60,55 +109,32 @@ def replay_energies(
     no cache write happens between a grad forward and its backward (the attention saves the
     page pool). Call ``backward`` before the cache is written again. ``weights: [S]`` the ``w_s``.
     """
-    model, cache, switches = stream.wan, stream.cache, stream.layout.switches
+    model, cache = stream.wan, stream.cache
     branches = list(branches)
     S = stream.schedule.num_steps
     sigmas = [float(x) for x in stream.schedule.sigmas()]
-    F = stream.frames_per_block
     grad = torch.is_grad_enabled() and grad_steps > 0
     rows = cache.fork(rollout.snapshot, len(branches), lean=True)
     index = torch.tensor(branches, device=rollout.z.device)
     z_all, u_all = rollout.z.index_select(0, index), rollout.u.index_select(0, index)
-    prefix = rollout.prefix.expand(len(branches), *rollout.prefix.shape[1:])
-    ctx_noise = rollout.context_noise  # the group's context-pass noise, as in the rollout
     starts = rollout.policy_starts
-    replayed: list[torch.Tensor] = []
     preds: dict[tuple[int, int], torch.Tensor] = {}
-    pins: list[list[int]] = []
 
     def predict(b: int, s: int, view) -> torch.Tensor:
         text = stream.text_at(texts, starts[b])
         return model(z_all[:, b * S + s], sigmas[s] * 1000.0, text, starts[b], view)
 
-    try:
-        for b, start in enumerate(starts):
-            text = stream.text_at(texts, start)
-            if b > 0 and start in switches:
-                stream.recache(rows, torch.cat([prefix, *replayed], dim=2), text, start)
-            cache.bank_refresh(rows, text)  # MemFlow's bank (pinned with the view)
-            if grad:
-                pins.append([cache.snapshot(r) for r in rows])
-            view = cache.view(rows, start, F)
-            with torch.no_grad():
-                for s in range(grad_steps if grad else 0, S):
-                    preds[b, s] = predict(b, s, view)
-                last = preds[b, S - 1] if (b, S - 1) in preds else predict(b, S - 1, view)
-            if b + 1 < len(starts):
-                x0 = z_all[:, b * S + S - 1] - sigmas[S - 1] * last
-                eps = ctx_noise if ctx_noise is None else ctx_noise[:, :, start : start + F]
-                write_context_pass(
-                    model, cache, rows, x0, text, start, noise=eps, sigma=stream.context_sigma,
-                    timestep=stream.context_timestep,
-                )  # fmt: skip
-                replayed.append(x0)
-        for b, pinned in enumerate(pins):
-            view = cache.view(pinned, starts[b], F)
-            for s in range(grad_steps):
-                preds[b, s] = predict(b, s, view)
-    finally:
-        cache.free(rows)
-        for pinned in pins:
-            cache.free(pinned)
+    def first(b: int, view) -> torch.Tensor:
+        for s in range(grad_steps if grad else 0, S):
+            preds[b, s] = predict(b, s, view)
+        last = preds[b, S - 1] if (b, S - 1) in preds else predict(b, S - 1, view)
+        return z_all[:, b * S + S - 1] - sigmas[S - 1] * last
+
+    def second(b: int, view) -> None:
+        for s in range(grad_steps):
+            preds[b, s] = predict(b, s, view)
+
+    replay_blocks(stream, rollout, rows, texts, starts, grad=grad, first=first, second=second)
     ordered = [
         [preds[b, s] for b in range(len(starts)) for s in range(S) if s < grad_steps],
         [preds[b, s] for b in range(len(starts)) for s in range(S) if s >= grad_steps],
